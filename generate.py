@@ -1,0 +1,137 @@
+"""Ask a trained TinyVLM about images, from the shell:
+  python generate.py --checkpoint runs/demo --image a.jpg b.jpg --prompt "What colour is the shape?"
+  python generate.py --checkpoint runs/demo --image photos/ --output answers.jsonl     # a folder of images
+  python generate.py --checkpoint runs/demo --data val.json --image_root images.zip --output preds.json
+From Python: TinyVLM.from_pretrained(folder).generate(images, prompts) (this script's engine).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import transformers
+from PIL import Image
+from tqdm import tqdm
+
+from data import IMAGE_MARKER, decode_image, load_llava_json, open_image_source
+from model import TinyVLM, autocast, find_model_folder, pick_device, pick_dtype
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DEFAULT_PROMPT = "Describe the image concisely."
+
+
+def image_jobs(paths: list[str], prompt: str) -> list[dict]:
+    """One job per image file; a folder stands for the images in it (sorted)."""
+    jobs = []
+    for path in paths:
+        if os.path.isdir(path):
+            names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+            jobs += [{"image": os.path.join(path, n), "prompt": prompt} for n in names]
+        else:
+            jobs.append({"image": path, "prompt": prompt})
+    return jobs
+
+
+def llava_jobs(data_path: str, prompt: str | None) -> list[dict]:
+    """One job per entry of a LLaVA JSON: its first human turn (or --prompt) and its first answer."""
+    jobs = []
+    for entry in load_llava_json(data_path):
+        turns = entry.get("conversations", [])
+        question = next((t["value"] for t in turns if t.get("from") == "human"), "")
+        reference = next((t["value"] for t in turns if t.get("from") == "gpt"), None)
+        jobs.append({"id": entry.get("id"), "image": entry.get("image"), "reference": reference,
+                     "prompt": prompt or question.replace(IMAGE_MARKER, "").strip() or DEFAULT_PROMPT})
+    return jobs
+
+
+def load_job_image(job: dict, image_source) -> Image.Image:
+    if image_source is None:
+        with open(job["image"], "rb") as f:
+            return decode_image(f.read())
+    return decode_image(image_source.read(job["image"]))
+
+
+def answer(model, jobs: list[dict], image_source, args, device, dtype) -> list[dict]:
+    """Fill in each job's "answer", or its "error" when its image cannot be read; others go on."""
+    progress = tqdm(total=len(jobs), disable=len(jobs) <= args.batch_size, desc="generating", file=sys.stderr)
+    for start in range(0, len(jobs), args.batch_size):
+        batch, images = [], []
+        for job in jobs[start:start + args.batch_size]:
+            try:
+                images.append(load_job_image(job, image_source) if job["image"] else None)
+                batch.append(job)
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                job["error"] = f"cannot read image: {error}"
+                print(f"error: {job['image']}: {job['error']}", file=sys.stderr)
+        if batch:
+            with autocast(device, dtype):
+                answers = model.generate(images, [job["prompt"] for job in batch], args.max_new_tokens,
+                                         args.do_sample, args.temperature, args.top_p)
+            for job, text in zip(batch, answers):
+                job["answer"] = text
+        progress.update(len(jobs[start:start + args.batch_size]))
+    progress.close()
+    return jobs
+
+
+def write_predictions(jobs: list[dict], path: str) -> None:
+    with open(path, "w") as f:
+        if path.endswith(".jsonl"):
+            f.writelines(json.dumps(job) + "\n" for job in jobs)
+        else:
+            json.dump(jobs, f, indent=1)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a model folder, or a run folder (its best/)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", nargs="+", help="image files or folders of images")
+    source.add_argument("--data", help="a LLaVA-format JSON; images under --image_root")
+    parser.add_argument("--image_root", help="folder or .zip holding the --data images")
+    parser.add_argument("--prompt", help=f"the question for every image (default for --image: {DEFAULT_PROMPT!r}; "
+                                         "for --data: each entry's own first question)")
+    parser.add_argument("--output", help="write predictions here (.json or .jsonl)")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU that has it, else float32")
+    parser.add_argument("--seed", type=int, default=0, help="for --do_sample")
+    args = parser.parse_args(argv)
+    if args.data and not args.image_root:
+        parser.error("--data needs --image_root")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()
+    device = pick_device(args.device, 0)
+    dtype = pick_dtype(args.dtype, device)
+    torch.manual_seed(args.seed)
+    folder = find_model_folder(args.checkpoint)
+    model = TinyVLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    if args.data:
+        jobs, image_source = llava_jobs(args.data, args.prompt), open_image_source(args.image_root)
+    else:
+        jobs, image_source = image_jobs(args.image, args.prompt or DEFAULT_PROMPT), None
+    jobs = answer(model, jobs, image_source, args, device, dtype)
+    if args.output:
+        write_predictions(jobs, args.output)
+        print(f"wrote {len(jobs)} predictions to {args.output}", file=sys.stderr)
+    else:
+        for job in jobs:
+            print(f"{job['image']}: {job.get('answer', 'ERROR ' + job.get('error', ''))}")
+    failed = sum("error" in job for job in jobs)
+    if failed:
+        print(f"{failed} of {len(jobs)} images could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

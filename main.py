@@ -1,0 +1,464 @@
+"""Train TinyVLM: stage 1 trains the modality projector on LLaVA-format image-caption data.
+  uv run main.py --demo                              # offline demo on synthetic shapes, CPU, about 4 minutes
+  python main.py --batch_size 32 --lr 1e-3           # any VLMConfig field can be overridden like this
+  torchrun --nproc_per_node 4 main.py                # the same run on 4 GPUs
+  python main.py --resume runs/stage1-20261127-1200  # continue a stopped run exactly where it stopped
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizer threads fight DataLoader workers
+
+import torch
+import torch.distributed as dist
+import transformers
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data import (IGNORE_INDEX, LLaVADataset, StreamSampler, collate, filter_entries, ignore_sigint_in_worker,
+                  load_llava_json, open_image_source, split_entries)
+from model import ModelConfig, TinyVLM, autocast, pick_device, pick_dtype
+
+
+@dataclass
+class VLMConfig:
+    # model: the frozen encoders (hub ids or local folders) and the projector between them
+    vision_model: str = "google/siglip-base-patch16-224"
+    language_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    vision_feature_layer: int = -2  # which encoder hidden state feeds the projector (LLaVA: penultimate)
+    pixel_shuffle_factor: int = 2  # 14x14 patches -> 7x7 = 49 image tokens
+    projector_hidden_dim: int = 12288  # SwiGLU width; 82.6M projector parameters, about 300M in all
+    max_length: int = 256  # samples longer than this (in tokens) are skipped and counted
+    system_prompt: str = ""  # an empty system turn: SmolLM2's default one would add 16 tokens to each sample
+    # data: LLaVA-format JSON and its images (a folder or the images.zip as downloaded)
+    data_path: str = "data/LLaVA-CC3M-Pretrain-595K/chat.json"
+    image_root: str = "data/LLaVA-CC3M-Pretrain-595K/images.zip"
+    val_data_path: str = ""  # a held-out LLaVA JSON; empty: hold out val_size entries of data_path
+    val_size: int = 1024
+    num_workers: int = 8
+    # optimisation (LLaVA stage 1: global batch 256, lr 1e-3, warmup 3%, cosine, one epoch)
+    batch_size: int = 64  # per device and micro-batch
+    grad_accum_steps: int = 4  # global batch = batch_size * grad_accum_steps * number of GPUs
+    epochs: float = 1.0
+    max_steps: int = -1  # -1: as many optimizer steps as `epochs` takes
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    warmup_steps: int = -1  # -1: 3% of lr_decay_steps
+    lr_decay_steps: int = -1  # length of the warmup + cosine schedule; -1: max_steps
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    # precision and device
+    device: str = "auto"  # auto: cuda, then mps, then cpu
+    dtype: str = "auto"  # auto: bfloat16 on GPUs that have it, else float16; float32 on CPU
+    attn_implementation: str = "auto"  # auto: sdpa on GPUs, eager on CPUs (where sdpa's backward is slow)
+    seed: int = 1337
+    # evaluation, checkpoints, logging
+    eval_every: int = 500  # steps between validation passes; the best one is kept in <run>/best
+    save_every: int = 1000  # steps between checkpoints in <run>/checkpoint
+    log_every: int = 10
+    out_dir: str = "runs"
+    run_name: str = ""  # empty: stage1-<date>-<time>
+    resume: str = ""  # a run folder to continue
+    wandb_project: str = "tinyvlm"
+    wandb_mode: str = "online"  # online, offline (local files only) or disabled
+    demo: bool = False  # offline demo: synthetic data, SmolLM2 from PyPI, random SigLIP (see demo.py)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration from the command line
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_args(argv: list[str]) -> dict:
+    """The VLMConfig fields given on the command line, typed: `--lr 1e-3`, `--lr=1e-3`, `--demo`."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for field in fields(VLMConfig):
+        if field.type is bool:
+            parser.add_argument(f"--{field.name}", type=parse_bool, nargs="?", const=True,
+                                default=argparse.SUPPRESS)
+        else:
+            parser.add_argument(f"--{field.name}", type=field.type, default=argparse.SUPPRESS)
+    return vars(parser.parse_args(argv))
+
+
+def resolve_config(overrides: dict) -> VLMConfig:
+    """Defaults, then the demo's settings (with --demo), then a resumed run's saved config (with --resume),
+    then what the command line says."""
+    values = {}
+    if overrides.get("demo"):
+        from demo import DEMO_CONFIG
+        values.update(DEMO_CONFIG)
+    if overrides.get("resume"):
+        values.update(load_training_state(overrides["resume"])["config"])
+    values.update(overrides)
+    return VLMConfig(**values)
+
+
+def model_config(cfg: VLMConfig) -> ModelConfig:
+    return ModelConfig(**{f.name: getattr(cfg, f.name) for f in fields(ModelConfig) if hasattr(cfg, f.name)})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device, precision, distributed
+
+
+def setup_distributed() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank); under torchrun this joins the process group."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def average_gradients(parameters: list, world_size: int) -> None:
+    """Sum the trainable gradients across processes in one flat all-reduce, once per optimizer step.
+
+    Done by hand rather than by DistributedDataParallel: the projector sits at the input, so its gradient
+    is complete only at the very end of backward and DDP's overlap would buy nothing, and this way a
+    process may hold a micro-batch without images, or with no sample left after skipping, without the
+    other processes waiting forever for a gradient it never computes. The loss is already divided by the
+    global number of target tokens, so a sum (not a mean) is the right reduction."""
+    if world_size == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    for p, g in zip(parameters, torch.split(flat, [g.numel() for g in grads])):
+        p.grad = g.view_as(p).to(p.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schedule, checkpoints, logs
+
+
+def lr_at(step: int, base_lr: float, cfg: VLMConfig, warmup_steps: int, decay_steps: int) -> float:
+    """Linear warmup, then cosine decay to min_lr at decay_steps. A pure function of the step, so the step
+    is all the scheduler state a checkpoint needs."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (base_lr - cfg.min_lr)
+
+
+def save_atomically(folder: str, write) -> None:
+    """write(tmp_folder), then swap it in for folder. A crash at any point leaves either the old folder or
+    the new one whole: the old one is only renamed aside (folder.old) until the new one is in place."""
+    tmp, old = folder + ".tmp", folder + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if os.path.exists(folder):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_folder(run_dir: str) -> str | None:
+    """The run's last complete checkpoint: checkpoint/, or checkpoint.old/ if a save was cut short."""
+    for name in ("checkpoint", "checkpoint.old"):
+        if os.path.isfile(os.path.join(run_dir, name, "training_state.pt")):
+            return os.path.join(run_dir, name)
+    return None
+
+
+def load_training_state(run_dir: str) -> dict:
+    folder = checkpoint_folder(run_dir)
+    if folder is None:
+        raise FileNotFoundError(f"no checkpoint to resume in {run_dir} (expected {run_dir}/checkpoint)")
+    return torch.load(os.path.join(folder, "training_state.pt"), weights_only=True)
+
+
+class Logger:
+    """Metrics to the console, to <run>/metrics.jsonl and to W&B, from rank 0 only."""
+
+    def __init__(self, cfg: VLMConfig, run_dir: str, enabled: bool, wandb_id: str | None):
+        self.enabled, self.run = enabled, None
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        if enabled and cfg.wandb_mode != "disabled":
+            import wandb
+
+            self.run = wandb.init(project=cfg.wandb_project, name=os.path.basename(run_dir), config=asdict(cfg),
+                                  mode=cfg.wandb_mode, dir=run_dir, id=wandb_id, resume="allow")
+
+    @property
+    def wandb_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def load_data(cfg: VLMConfig, processor, log) -> tuple[LLaVADataset, LLaVADataset]:
+    """Train and validation datasets. Entries that cannot be trained on are skipped and counted here, at
+    start-up; samples whose image turns out bad are skipped and counted as they are loaded."""
+    images = open_image_source(cfg.image_root)
+    entries, skipped, examples = filter_entries(load_llava_json(cfg.data_path), require_image=True)
+    if skipped:
+        log(f"{cfg.data_path}: skipped {sum(skipped.values())} entries {dict(skipped)}, e.g. {examples}")
+    if cfg.val_data_path:
+        train, (val, val_skipped, _) = entries, filter_entries(load_llava_json(cfg.val_data_path), True)
+        skipped.update({f"val {reason}": n for reason, n in val_skipped.items()})
+    else:
+        train, val = split_entries(entries, cfg.val_size, cfg.seed)
+    if not train:
+        raise ValueError(f"{cfg.data_path}: no usable entries ({dict(skipped)})")
+    return LLaVADataset(train, images, processor), LLaVADataset(val, images, processor), skipped
+
+
+def move(batch: dict, device: torch.device) -> dict:
+    pixels = batch["pixels"]
+    return {
+        "input_ids": batch["input_ids"].to(device, non_blocking=True),
+        "attention_mask": batch["attention_mask"].to(device, non_blocking=True),
+        "labels": batch["labels"].to(device, non_blocking=True),
+        "pixels": None if pixels is None else pixels.to(device, non_blocking=True),
+    }
+
+
+def count_targets(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def forward_backward(model, micro_batches: list, device, dtype, scaler, world_size: int = 1):
+    """Accumulate the gradients of one optimizer step over its micro-batches (on every process).
+
+    Each micro-batch's summed loss is divided by the number of target tokens in the whole step, across
+    all micro-batches and processes, so every target token weighs the same: 4 micro-batches of 2 give the
+    gradient of one batch of 8. Returns (mean loss per target token, tokens, samples), all global."""
+    counts = torch.tensor([sum(count_targets(b) for b in micro_batches),
+                           sum(int(b["attention_mask"].sum()) for b in micro_batches),
+                           sum(len(b["input_ids"]) for b in micro_batches)], dtype=torch.float64)
+    if dist.is_initialized():
+        counts = all_reduce_sum(counts.to(device)).cpu()
+    num_targets, num_tokens, num_samples = counts.tolist()
+    loss_sum = torch.zeros((), device=device)
+    for batch in micro_batches:
+        if batch["input_ids"].numel() == 0:  # every sample of it was skipped
+            continue
+        with autocast(device, dtype):
+            batch_loss = model(**move(batch, device))
+        scaler.scale(batch_loss * world_size / max(num_targets, 1)).backward()
+        loss_sum += batch_loss.detach()
+    return all_reduce_sum(loss_sum) / max(num_targets, 1), num_tokens, num_samples
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, dtype) -> float:
+    """Mean loss per target token over the whole loader (summed over processes)."""
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, target tokens)
+    for batch in loader:
+        if batch["input_ids"].numel() == 0:
+            continue
+        with autocast(device, dtype):
+            totals[0] += model(**move(batch, device)).double()
+        totals[1] += count_targets(batch)
+    all_reduce_sum(totals)
+    model.train()
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def build_model(cfg: VLMConfig, device: torch.device, dtype: torch.dtype) -> TinyVLM:
+    """The frozen encoders are held in the run's dtype (bf16 on a modern GPU): they are never updated, so
+    float32 copies would only cost memory and bandwidth. The projector stays float32 under autocast."""
+    attention = cfg.attn_implementation
+    if attention == "auto":
+        attention = "sdpa" if device.type == "cuda" else "eager"
+    torch.manual_seed(cfg.seed)  # the projector's initial weights
+    model = TinyVLM.from_config(model_config(cfg), dtype=dtype if dtype != torch.float16 else torch.float32,
+                                attn_implementation=attention)
+    return model.to(device)
+
+
+def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dtype, rank: int = 0,
+          world_size: int = 1) -> str:
+    """The training loop. Returns the run folder."""
+    is_main = rank == 0
+    log = (lambda text: tqdm.write(text)) if is_main else (lambda text: None)
+    run_dir = cfg.resume or os.path.join(cfg.out_dir, cfg.run_name or time.strftime("stage1-%Y%m%d-%H%M%S"))
+    if not cfg.resume and checkpoint_folder(run_dir):
+        raise FileExistsError(f"{run_dir} already holds a checkpoint: pass --resume {run_dir} to continue it, "
+                              "or choose another --run_name")
+    if is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        log("config:\n" + json.dumps(asdict(cfg), indent=2))
+
+    train_set, val_set, skipped = load_data(cfg, model.processor, log)
+    global_batch = cfg.batch_size * cfg.grad_accum_steps * world_size
+    max_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * len(train_set) / global_batch)
+    decay_steps = cfg.lr_decay_steps if cfg.lr_decay_steps > 0 else max_steps
+    warmup_steps = cfg.warmup_steps if cfg.warmup_steps >= 0 else math.ceil(0.03 * decay_steps)
+
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+                                  fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    step, position, best_val_loss, wandb_id = 0, 0, float("inf"), None
+    if cfg.resume:
+        state = load_training_state(run_dir)
+        model.projector.load_state_dict(load_projector(checkpoint_folder(run_dir)))
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step, position, best_val_loss = state["step"], state["position"], state["best_val_loss"]
+        wandb_id = state["wandb_id"] or None
+        skipped.update(state["skipped"])
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and len(state["rng_cuda"]):
+            torch.cuda.set_rng_state(state["rng_cuda"])
+        log(f"resumed {run_dir} at step {step} (sample {position})")
+
+    pin = device.type == "cuda"
+    loader_options = dict(collate_fn=partial(collate, pad_token_id=model.processor.tokenizer.pad_token_id),
+                          num_workers=cfg.num_workers, pin_memory=pin, worker_init_fn=ignore_sigint_in_worker)
+    sampler = StreamSampler(len(train_set), cfg.seed, position, cfg.batch_size, rank, world_size)
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
+                              persistent_workers=cfg.num_workers > 0, **loader_options)
+    val_indices = list(range(rank, len(val_set), world_size))
+    val_loader = DataLoader(torch.utils.data.Subset(val_set, val_indices), batch_size=cfg.batch_size,
+                            **loader_options)
+    logger = Logger(cfg, run_dir, is_main, wandb_id)
+
+    def save_checkpoint() -> None:
+        state = {
+            "step": step, "position": position, "best_val_loss": best_val_loss, "config": asdict(cfg),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "skipped": dict(skipped),
+            "rng_cpu": torch.get_rng_state(), "wandb_id": logger.wandb_id or "",
+            "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else torch.tensor([]),
+        }
+
+        def write(folder):
+            model.save_pretrained(folder)
+            torch.save(state, os.path.join(folder, "training_state.pt"))
+
+        if is_main:
+            save_atomically(os.path.join(run_dir, "checkpoint"), write)
+            log(f"step {step}: saved {run_dir}/checkpoint")
+
+    stop_signal = []  # set by SIGINT / SIGTERM; the loop saves and exits at the end of the current step
+    previous_handlers = {s: signal.signal(s, lambda signum, _: stop_signal.append(signum))
+                         for s in (signal.SIGINT, signal.SIGTERM)}
+
+    model.train()
+    batches = iter(train_loader)
+    progress = tqdm(total=max_steps, initial=step, disable=not is_main, dynamic_ncols=True)
+    interval_start, interval_samples, interval_tokens = time.perf_counter(), 0, 0
+    try:
+        while step < max_steps:
+            lr = lr_at(step, cfg.lr, cfg, warmup_steps, decay_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro_batches = [next(batches) for _ in range(cfg.grad_accum_steps)]
+            position += global_batch
+            for batch in micro_batches:
+                skipped.update(batch["skipped"])
+            train_loss, num_tokens, num_samples = forward_backward(model, micro_batches, device, dtype, scaler,
+                                                                   world_size)
+            average_gradients(parameters, world_size)
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            interval_samples += num_samples
+            interval_tokens += num_tokens
+            progress.update(1)
+
+            if step % cfg.log_every == 0 or step == max_steps:
+                train_loss = train_loss.item()
+                seconds = time.perf_counter() - interval_start
+                metrics = {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm.item(),
+                           "train/samples_per_s": interval_samples / seconds,
+                           "train/tokens_per_s": interval_tokens / seconds,
+                           **{f"data/skipped {reason}": n for reason, n in skipped.items()}}
+                logger.log(metrics, step)
+                progress.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}",
+                                     samples_per_s=f"{interval_samples / seconds:.1f}")
+                interval_start, interval_samples, interval_tokens = time.perf_counter(), 0, 0
+            if step % cfg.eval_every == 0 or step == max_steps:
+                val_loss = evaluate(model, val_loader, device, dtype)
+                logger.log({"val/loss": val_loss}, step)
+                log(f"step {step}: val loss {val_loss:.4f}")
+                if val_loss < best_val_loss:
+                    best_val_loss = val_loss
+                    if is_main:
+                        save_atomically(os.path.join(run_dir, "best"), model.save_pretrained)
+            if step % cfg.save_every == 0 or step == max_steps:
+                save_checkpoint()
+            stopping = all_reduce_sum(torch.tensor([len(stop_signal)], device=device)).item() > 0
+            if stopping and step < max_steps:
+                log(f"stop requested: saving a checkpoint at step {step}; resume with --resume {run_dir}")
+                save_checkpoint()
+                break
+    finally:
+        progress.close()
+        logger.finish()
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
+    return run_dir
+
+
+def load_projector(folder: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "projector.safetensors"))
+
+
+def main(argv: list[str]) -> None:
+    transformers.utils.logging.disable_progress_bar()  # one bar per loaded file otherwise
+    overrides = parse_args(argv)
+    cfg = resolve_config(overrides)
+    rank, world_size, local_rank = setup_distributed()
+    device = pick_device(cfg.device, local_rank)
+    dtype = pick_dtype(cfg.dtype, device)
+    if cfg.demo:
+        import demo
+
+        demo.run(cfg, device, dtype)
+    else:
+        model = build_model(cfg, device, dtype)
+        train(cfg, model, device, dtype, rank, world_size)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

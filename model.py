@@ -1,0 +1,247 @@
+"""TinyVLM: a frozen SigLIP vision encoder and a causal language model (SmolLM2-135M-Instruct), joined by a
+trainable SwiGLU modality projector. An image becomes 49 LM-sized tokens that replace 49 placeholder tokens
+in the chat prompt. `TinyVLM.from_config(cfg)` loads the encoders (hub ids or local folders);
+`save_pretrained` / `from_pretrained` keep a trained model in a folder (safetensors + config.json).
+"""
+
+import json
+import os
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
+from transformers.image_processing_utils import ImageProcessingMixin
+
+from data import IGNORE_INDEX, Processor, collate
+
+
+@dataclass
+class ModelConfig:
+    """What a saved TinyVLM is made of; written to config.json. Defaults live in main.py's VLMConfig."""
+
+    vision_model: str  # hub id or local folder of a SiglipVisionModel and its preprocessor_config.json
+    language_model: str  # hub id or local folder of a causal LM with a chat template
+    vision_feature_layer: int  # index into the encoder's hidden states: 0 = patch embeddings, -1 = last layer
+    pixel_shuffle_factor: int  # r: an r x r block of patches becomes one token of r*r*D dims
+    projector_hidden_dim: int
+    image_token: str = "<image>"  # placeholder token added to the tokenizer, one per image token
+    max_length: int = 2048  # longest training sample in tokens; longer ones are skipped
+    system_prompt: str | None = ""  # the system turn of every prompt; None: the chat template's default
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """"auto": the first of cuda (this process's GPU under torchrun), mps and cpu."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto": bfloat16 on GPUs that have it, else float16; float32 on CPUs."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for float32 weights (the projector) beside frozen weights already held in dtype."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Space-to-depth on a square grid of patch features: (B, S*S, D) -> (B, (S/r)^2, r*r*D), r = factor.
+
+    Output token (i, j) holds the r x r block of patches with rows r*i..r*i+r-1 and columns r*j..r*j+r-1,
+    in (row, column, channel) order. Adapted from nanoVLM's ModalityProjector.pixel_shuffle (Idefics3).
+    """
+    batch, num_patches, dim = x.shape
+    side = int(num_patches**0.5)
+    if side * side != num_patches or side % factor:
+        raise ValueError(f"pixel shuffle needs a square grid divisible by {factor}, got {num_patches} patches")
+    out_side = side // factor
+    x = x.reshape(batch, out_side, factor, out_side, factor, dim)  # (B, i, dy, j, dx, D)
+    x = x.permute(0, 1, 3, 2, 4, 5)  # (B, i, j, dy, dx, D)
+    return x.reshape(batch, out_side * out_side, factor * factor * dim)  # (B, (S/r)^2, r*r*D)
+
+
+class Projector(nn.Module):
+    """LayerNorm, then a SwiGLU MLP: down(silu(gate(x)) * up(x)). The LayerNorm puts features from any encoder
+    layer (unnormalised hidden states have large outlier channels) on one scale."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.gate = nn.Linear(in_dim, hidden_dim, bias=False)
+        self.up = nn.Linear(in_dim, hidden_dim, bias=False)
+        self.down = nn.Linear(hidden_dim, out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def keep_vision_layers(vision: nn.Module, feature_layer: int) -> None:
+    """Drop the encoder layers after the one whose output feeds the projector: they would be computed for
+    nothing. After this, the last hidden state the encoder returns is hidden_states[feature_layer]."""
+    encoder = getattr(vision, "vision_model", vision).encoder  # transformers < 5.20 wraps it in vision_model
+    num_layers = len(encoder.layers)
+    keep = feature_layer + num_layers + 1 if feature_layer < 0 else feature_layer
+    if not 0 <= keep <= num_layers:
+        raise ValueError(f"vision_feature_layer={feature_layer} is out of range for {num_layers} layers")
+    encoder.layers = encoder.layers[:keep]
+
+
+class TinyVLM(nn.Module):
+    def __init__(self, config: ModelConfig, vision: nn.Module, language_model: nn.Module, tokenizer,
+                 image_settings: dict):
+        super().__init__()
+        self.config = config
+        keep_vision_layers(vision, config.vision_feature_layer)
+        self.vision = vision.eval().requires_grad_(False)
+        self.lm = language_model.requires_grad_(False)
+        vision_config = vision.config
+        grid = vision_config.image_size // vision_config.patch_size
+        self.num_image_tokens = (grid // config.pixel_shuffle_factor) ** 2
+        self.projector = Projector(
+            vision_config.hidden_size * config.pixel_shuffle_factor**2,
+            config.projector_hidden_dim,
+            language_model.config.hidden_size,
+        )
+        self.processor = Processor(tokenizer, image_settings, config.image_token, self.num_image_tokens,
+                                   config.max_length, config.system_prompt)
+        self.image_token_id = self.processor.image_token_id
+        # rescaled and normalised on the model's device: images travel as uint8
+        self.register_buffer("pixel_mean", torch.tensor(self.processor.image_mean).view(1, 3, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(self.processor.image_std).view(1, 3, 1, 1), False)
+
+    # -- loading and saving --------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, dtype: torch.dtype = torch.float32, language_model_path=None,
+                    attn_implementation: str = "sdpa"):
+        """Load the pretrained encoders named in config (hub ids or local folders) and a fresh projector.
+        dtype is for the encoders' weights; the projector is always kept in float32. attn_implementation is
+        transformers' (sdpa, eager, flash_attention_2): on a CPU, eager trains about twice as fast as sdpa,
+        whose backward is slow there."""
+        lm_path = language_model_path or config.language_model
+        vision = SiglipVisionModel.from_pretrained(config.vision_model, dtype=dtype,
+                                                   attn_implementation=attn_implementation)
+        image_settings, _ = ImageProcessingMixin.get_image_processor_dict(config.vision_model)
+        language_model = AutoModelForCausalLM.from_pretrained(lm_path, dtype=dtype,
+                                                              attn_implementation=attn_implementation)
+        tokenizer = AutoTokenizer.from_pretrained(lm_path)
+        return cls(config, vision, language_model, tokenizer, image_settings)
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32,
+                        attn_implementation: str = "sdpa") -> "TinyVLM":
+        """A model saved by save_pretrained: the encoders it names, its projector and, after stage 2, its
+        finetuned language model (stored in the folder's language_model/)."""
+        with open(os.path.join(path, "config.json")) as f:
+            config = ModelConfig(**json.load(f))
+        lm_folder = os.path.join(path, "language_model")
+        model = cls.from_config(config, dtype, lm_folder if os.path.isdir(lm_folder) else None, attn_implementation)
+        model.projector.load_state_dict(load_file(os.path.join(path, "projector.safetensors")))
+        return model
+
+    def save_pretrained(self, path: str, save_language_model: bool = False) -> None:
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(asdict(self.config), f, indent=2)
+        projector = {k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()}
+        save_file(projector, os.path.join(path, "projector.safetensors"))
+        if save_language_model:
+            self.lm.save_pretrained(os.path.join(path, "language_model"))
+            self.processor.tokenizer.save_pretrained(os.path.join(path, "language_model"))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vision.eval()  # frozen, always in inference mode
+        return self
+
+    # -- forward ---------------------------------------------------------------------------------------------
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 images (N, 3, H, W) -> projected image tokens (N, num_image_tokens, lm_hidden)."""
+        with torch.no_grad():
+            x = pixels.float() * self.processor.rescale_factor  # (N, 3, H, W)
+            x = ((x - self.pixel_mean) / self.pixel_std).to(self.vision.dtype)
+            hidden_states = self.vision(pixel_values=x, output_hidden_states=True).hidden_states
+            if not hidden_states:  # transformers returns none from an encoder left with no layers
+                hidden_states = [getattr(self.vision, "vision_model", self.vision).embeddings(x)]
+            features = hidden_states[-1]  # (N, S*S, D): the feature layer, the encoder's last kept layer
+        features = pixel_shuffle(features, self.config.pixel_shuffle_factor)  # (N, num_image_tokens, r*r*D)
+        return self.projector(features.to(self.projector.gate.weight.dtype))  # (N, num_image_tokens, H)
+
+    def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the image tokens written over the placeholders, in one masked scatter:
+        the k-th image fills the k-th run of placeholders in row-major order. (B, T) -> (B, T, H)."""
+        is_image = input_ids == self.image_token_id  # (B, T)
+        # the placeholder id may lie beyond the LM's vocabulary; its embedding is overwritten anyway
+        embeds = self.lm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # (B, T, H)
+        if pixels is None:
+            return embeds
+        image_embeds = self.encode_images(pixels)  # (N, num_image_tokens, H)
+        return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
+
+    def forward(self, input_ids, attention_mask, labels, pixels=None) -> torch.Tensor:
+        """Summed cross-entropy over the target tokens (labels != IGNORE_INDEX). The caller divides by the
+        number of target tokens in the whole optimizer step, so every token weighs the same however the
+        step is split into micro-batches. The LM head runs only at target positions: image and prompt
+        positions never get (vocab-sized) logits."""
+        embeds = self.embed(input_ids, pixels)  # (B, T, H)
+        hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+        is_target = targets != IGNORE_INDEX
+        logits = self.lm.get_output_embeddings()(hidden[:, :-1][is_target])  # (num_targets, vocab)
+        return F.cross_entropy(logits.float(), targets[is_target], reduction="sum")
+
+    # -- inference -----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, images: list, prompts, max_new_tokens: int = 64, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
+        """One answer per image: `images` are PIL images (None for a text-only prompt), `prompts` one string
+        for all or one per image. Prompts are built exactly as in training (Processor) and left-padded; the
+        LM's generate() decodes with its KV cache and stops at the end-of-turn token."""
+        prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != len(images):
+            raise ValueError(f"got {len(images)} images and {len(prompts)} prompts")
+        samples = []
+        for image, prompt in zip(images, prompts):
+            input_ids = self.processor.encode_prompt(self.processor.prompt_messages(prompt, image is not None))
+            pixels = None if image is None else self.processor.image_to_pixels(image)
+            samples.append({"input_ids": input_ids, "labels": [IGNORE_INDEX] * len(input_ids), "pixels": pixels})
+        tokenizer = self.processor.tokenizer
+        batch = collate(samples, tokenizer.pad_token_id, padding_side="left")
+        device = self.pixel_mean.device
+        pixels = None if batch["pixels"] is None else batch["pixels"].to(device)
+        embeds = self.embed(batch["input_ids"].to(device), pixels)  # (B, T, H)
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+        output = self.lm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device),
+                                  max_new_tokens=max_new_tokens, eos_token_id=self.processor.end_of_turn_id,
+                                  pad_token_id=tokenizer.pad_token_id, **sampling)  # (B, new tokens)
+        return [text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
+
+
+def find_model_folder(path: str) -> str:
+    """A folder written by save_pretrained, or in a training run's folder its best/ model (lowest validation
+    loss), else its last checkpoint/."""
+    for folder in (path, os.path.join(path, "best"), os.path.join(path, "checkpoint"),
+                   os.path.join(path, "checkpoint.old")):
+        if os.path.isfile(os.path.join(folder, "projector.safetensors")):
+            return folder
+    raise FileNotFoundError(f"no TinyVLM in {path}: expected projector.safetensors there or in its best/ "
+                            "or checkpoint/ folder")

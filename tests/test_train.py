@@ -1,0 +1,214 @@
+"""The training loop: token-weighted accumulation, overfitting, exact resume, checkpoints, signals, CLI, logs."""
+
+import dataclasses
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data import collate, to_messages
+from demo import DEMO_CONFIG
+from main import (VLMConfig, build_model, checkpoint_folder, forward_backward, load_training_state, lr_at, main,
+                  parse_args, resolve_config, save_atomically, train)
+
+CPU = torch.device("cpu")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(cfg: VLMConfig) -> str:
+    model = build_model(cfg, CPU, torch.float32)
+    return train(cfg, model, CPU, torch.float32)
+
+
+def projector_weights(run_dir: str, folder: str = "checkpoint") -> dict:
+    return load_file(os.path.join(run_dir, folder, "projector.safetensors"))
+
+
+def metrics(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def samples(model, count: int) -> list[dict]:
+    """Conversations of different lengths, each with a random image."""
+    torch.manual_seed(0)
+    result = []
+    for i in range(count):
+        turns = [{"from": "human", "value": "<image>\nDescribe" + " it" * i},
+                 {"from": "gpt", "value": "a red circle" + " and a square" * (i % 3) + "."}]
+        input_ids, labels = model.processor.encode(to_messages(turns, model.processor.image_placeholder))
+        result.append({"input_ids": input_ids, "labels": labels,
+                       "pixels": torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)})
+    return result
+
+
+def accumulated_gradient(model, micro_batches: list) -> torch.Tensor:
+    model.zero_grad()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    forward_backward(model, micro_batches, CPU, torch.float32, scaler)
+    return torch.cat([p.grad.flatten() for p in model.projector.parameters()])
+
+
+def test_gradient_accumulation_weighs_every_target_token_the_same(tiny_model):
+    data = samples(tiny_model, 8)
+    pad = tiny_model.processor.tokenizer.pad_token_id
+    one_batch = accumulated_gradient(tiny_model, [collate(data, pad)])
+    four_micro_batches = accumulated_gradient(tiny_model, [collate(data[i:i + 2], pad) for i in range(0, 8, 2)])
+    torch.testing.assert_close(four_micro_batches, one_batch, rtol=1e-4, atol=1e-7)
+    # a per-micro-batch mean would weigh the short captions' tokens more: make sure the test can tell
+    lengths = [sum(label != -100 for label in s["labels"]) for s in data]
+    assert len(set(lengths)) > 1
+
+
+def test_a_tiny_model_overfits_a_handful_of_samples(tiny_config, shapes_data, tmp_path):
+    entries = json.load(open(f"{shapes_data}/chat.json"))[:4]
+    (tmp_path / "four.json").write_text(json.dumps(entries))
+    cfg = dataclasses.replace(tiny_config, data_path=str(tmp_path / "four.json"), max_steps=150, warmup_steps=5,
+                              lr=3e-2, eval_every=150, save_every=150, log_every=10)
+    losses = [m["train/loss"] for m in metrics(run(cfg)) if "train/loss" in m]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_frozen_weights_do_not_change_and_the_projector_does(tiny_config):
+    model = build_model(tiny_config, CPU, torch.float32)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    train(tiny_config, model, CPU, torch.float32)
+    for name, p in model.named_parameters():
+        if name.startswith("projector."):
+            assert not torch.equal(before[name], p), name
+        else:
+            assert torch.equal(before[name], p), name
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tiny_config):
+    straight = run(dataclasses.replace(tiny_config, run_name="straight", max_steps=6, lr_decay_steps=6))
+    first_half = run(dataclasses.replace(tiny_config, run_name="halves", max_steps=3, lr_decay_steps=6))
+    assert load_training_state(first_half)["step"] == 3
+    resumed = run(dataclasses.replace(tiny_config, run_name="halves", max_steps=6, lr_decay_steps=6,
+                                      resume=first_half))
+    assert resumed == first_half
+    a, b = projector_weights(straight), projector_weights(resumed)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert [m["train/loss"] for m in metrics(straight) if "train/loss" in m] == \
+        [m["train/loss"] for m in metrics(resumed) if "train/loss" in m]
+
+
+def test_resume_with_data_loader_workers_is_exact(tiny_config):
+    cfg = dataclasses.replace(tiny_config, num_workers=2, max_steps=4, lr_decay_steps=4)
+    straight = run(dataclasses.replace(cfg, run_name="straight"))
+    run(dataclasses.replace(cfg, run_name="halves", max_steps=2))
+    resumed = run(dataclasses.replace(cfg, run_name="halves", resume=os.path.join(cfg.out_dir, "halves")))
+    a, b = projector_weights(straight), projector_weights(resumed)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_a_new_run_refuses_to_overwrite_a_checkpoint(tiny_config):
+    run(dataclasses.replace(tiny_config, max_steps=1))
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(dataclasses.replace(tiny_config, max_steps=1))
+
+
+def test_a_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path):
+    folder = str(tmp_path / "checkpoint")
+
+    def write(content):
+        def writer(path):
+            os.makedirs(path)
+            with open(os.path.join(path, "training_state.pt"), "w") as f:
+                f.write(content)
+        return writer
+
+    save_atomically(folder, write("good"))
+
+    def crash(path):
+        write("half")(path)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        save_atomically(folder, crash)
+    assert open(os.path.join(folder, "training_state.pt")).read() == "good"
+    # a crash between the two renames leaves checkpoint.old, which resume falls back to
+    os.replace(folder, folder + ".old")
+    assert checkpoint_folder(str(tmp_path)) == folder + ".old"
+
+
+def test_best_checkpoint_is_the_lowest_validation_loss(tiny_config):
+    run_dir = run(dataclasses.replace(tiny_config, max_steps=6, eval_every=2))
+    val_losses = [m["val/loss"] for m in metrics(run_dir) if "val/loss" in m]
+    assert len(val_losses) == 3
+    assert load_training_state(run_dir)["best_val_loss"] == min(val_losses)
+    assert os.path.isfile(os.path.join(run_dir, "best", "projector.safetensors"))
+
+
+def test_lr_warms_up_then_decays_to_min_lr():
+    cfg = VLMConfig(lr=1.0, min_lr=0.1)
+    lrs = [lr_at(step, 1.0, cfg, warmup_steps=4, decay_steps=20) for step in range(21)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[20] == pytest.approx(0.1)
+
+
+def test_command_line_overrides_are_typed():
+    overrides = parse_args(["--batch_size", "32", "--lr=3e-4", "--demo", "--wandb_mode", "offline",
+                            "--vision_feature_layer", "-1"])
+    assert overrides == {"batch_size": 32, "lr": 3e-4, "demo": True, "wandb_mode": "offline",
+                         "vision_feature_layer": -1}
+    cfg = resolve_config(overrides)
+    assert cfg.batch_size == 32 and cfg.lr == 3e-4
+    assert cfg.max_steps == DEMO_CONFIG["max_steps"] != VLMConfig().max_steps  # the demo's, not overridden
+    assert resolve_config(parse_args(["--demo", "false"])) == VLMConfig()
+    with pytest.raises(SystemExit):
+        parse_args(["--batch_size", "many"])
+    with pytest.raises(SystemExit):
+        parse_args(["--no_such_field", "1"])
+
+
+def test_wandb_offline_run_and_metrics_jsonl_are_written(tiny_config):
+    run_dir = run(dataclasses.replace(tiny_config, wandb_mode="offline"))
+    assert glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
+    logged = metrics(run_dir)
+    keys = set().union(*logged)
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "train/tokens_per_s",
+            "val/loss"} <= keys
+    assert [m["step"] for m in logged if "train/loss" in m] == [1, 2, 3, 4]
+
+
+def test_bad_data_is_skipped_counted_and_logged(tiny_config, shapes_data, tmp_path):
+    entries = json.load(open(f"{shapes_data}/chat.json"))
+    entries[0]["image"] = "missing.jpg"
+    entries[1]["conversations"][0]["value"] = "no marker here"
+    entries[2]["conversations"][1]["value"] = ""
+    (tmp_path / "chat.json").write_text(json.dumps(entries))
+    run_dir = run(dataclasses.replace(tiny_config, data_path=str(tmp_path / "chat.json"), max_steps=6))
+    last = [m for m in metrics(run_dir) if "train/loss" in m][-1]
+    assert last["data/skipped no <image> marker"] == 1 and last["data/skipped empty caption"] == 1
+    assert last["data/skipped image missing"] >= 1  # 6 steps of 4 cover the 22 kept entries once
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_config):
+    cfg = dataclasses.replace(tiny_config, max_steps=100000, save_every=100000, eval_every=100000)
+    args = [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items() if v != ""]
+    process = subprocess.Popen([sys.executable, "main.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    metrics_path = os.path.join(cfg.out_dir, cfg.run_name, "metrics.jsonl")
+    deadline = time.time() + 120
+    while not (os.path.exists(metrics_path) and os.path.getsize(metrics_path)) and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    state = load_training_state(os.path.join(cfg.out_dir, cfg.run_name))
+    assert 1 <= state["step"] < 100000 and "stop requested" in output
+
+
+def test_main_runs_a_whole_tiny_training(tiny_config):
+    args = [f"--{k}={v}" for k, v in dataclasses.asdict(tiny_config).items() if v != ""]
+    main(args + ["--max_steps=2"])
+    assert os.path.isfile(os.path.join(tiny_config.out_dir, "tiny", "checkpoint", "projector.safetensors"))
