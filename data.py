@@ -178,6 +178,17 @@ def split_entries(entries: list, val_size: int, seed: int) -> tuple[list, list]:
     return [e for i, e in enumerate(entries) if i not in val_set], [entries[i] for i in val]
 
 
+def first_question(entry: dict) -> str:
+    """The first human turn of a LLaVA entry without its <image> marker: the prompt to ask at inference."""
+    turns = entry.get("conversations", [])
+    question = next((t["value"] for t in turns if t.get("from") == "human"), "")
+    return question.replace(IMAGE_MARKER, "").strip()
+
+
+def first_answer(entry: dict) -> str | None:
+    return next((t["value"] for t in entry.get("conversations", []) if t.get("from") == "gpt"), None)
+
+
 def to_messages(conversations: list, image_placeholder: str) -> list[dict]:
     """LLaVA turns as chat-template messages: human/gpt become user/assistant; the <image> marker, before
     or after the instruction, is removed and the image placeholder put first, as LLaVA does."""

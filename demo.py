@@ -40,6 +40,7 @@ DEMO_CONFIG = dict(
     eval_every=50,
     save_every=100,
     log_every=10,
+    sample_every=100,
     run_name="demo",
     wandb_mode="offline",
 )

@@ -15,8 +15,8 @@ import transformers
 from PIL import Image
 from tqdm import tqdm
 
-from data import IMAGE_MARKER, decode_image, load_llava_json, open_image_source
-from model import TinyVLM, autocast, find_model_folder, pick_device, pick_dtype
+from data import decode_image, first_answer, first_question, load_llava_json, open_image_source
+from model import TinyVLM, autocast, find_model_folder, pick_attention, pick_device, pick_dtype
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_PROMPT = "Describe the image concisely."
@@ -36,14 +36,8 @@ def image_jobs(paths: list[str], prompt: str) -> list[dict]:
 
 def llava_jobs(data_path: str, prompt: str | None) -> list[dict]:
     """One job per entry of a LLaVA JSON: its first human turn (or --prompt) and its first answer."""
-    jobs = []
-    for entry in load_llava_json(data_path):
-        turns = entry.get("conversations", [])
-        question = next((t["value"] for t in turns if t.get("from") == "human"), "")
-        reference = next((t["value"] for t in turns if t.get("from") == "gpt"), None)
-        jobs.append({"id": entry.get("id"), "image": entry.get("image"), "reference": reference,
-                     "prompt": prompt or question.replace(IMAGE_MARKER, "").strip() or DEFAULT_PROMPT})
-    return jobs
+    return [{"id": entry.get("id"), "image": entry.get("image"), "reference": first_answer(entry),
+             "prompt": prompt or first_question(entry) or DEFAULT_PROMPT} for entry in load_llava_json(data_path)]
 
 
 def load_job_image(job: dict, image_source) -> Image.Image:
@@ -101,6 +95,7 @@ def parse_args(argv):
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU that has it, else float32")
+    parser.add_argument("--attn_implementation", default="auto", help="auto: sdpa on GPUs, eager on CPUs")
     parser.add_argument("--seed", type=int, default=0, help="for --do_sample")
     args = parser.parse_args(argv)
     if args.data and not args.image_root:
@@ -115,7 +110,8 @@ def main(argv: list[str]) -> int:
     dtype = pick_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
     folder = find_model_folder(args.checkpoint)
-    model = TinyVLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    model = TinyVLM.from_pretrained(folder, dtype, pick_attention(args.attn_implementation, device))
+    model = model.to(device).eval()
     if args.data:
         jobs, image_source = llava_jobs(args.data, args.prompt), open_image_source(args.image_root)
     else:

@@ -21,12 +21,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizer threads fi
 import torch
 import torch.distributed as dist
 import transformers
+from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import (IGNORE_INDEX, LLaVADataset, StreamSampler, collate, filter_entries, ignore_sigint_in_worker,
-                  load_llava_json, open_image_source, split_entries)
-from model import ModelConfig, TinyVLM, autocast, pick_device, pick_dtype
+from data import (IGNORE_INDEX, LLaVADataset, StreamSampler, collate, decode_image, filter_entries, first_answer,
+                  first_question, ignore_sigint_in_worker, load_llava_json, open_image_source, split_entries)
+from model import ModelConfig, TinyVLM, autocast, pick_attention, pick_device, pick_dtype
 
 
 @dataclass
@@ -64,6 +65,8 @@ class VLMConfig:
     # evaluation, checkpoints, logging
     eval_every: int = 500  # steps between validation passes; the best one is kept in <run>/best
     save_every: int = 1000  # steps between checkpoints in <run>/checkpoint
+    sample_every: int = 500  # steps between captions of held-out images in W&B and the console; 0: never
+    num_sample_images: int = 8
     log_every: int = 10
     out_dir: str = "runs"
     run_name: str = ""  # empty: stage1-<date>-<time>
@@ -217,6 +220,23 @@ class Logger:
         if self.run is not None:
             self.run.log(metrics, step=step)
 
+    def log_samples(self, rows: list[dict], images: list, step: int) -> None:
+        """Generated captions of fixed held-out images: a W&B table, the console and <run>/samples.jsonl."""
+        if not self.enabled:
+            return
+        with open(os.path.join(os.path.dirname(self.path), "samples.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, "samples": rows}) + "\n")
+        tqdm.write(f"step {step}: captions of held-out images")
+        for row in rows:
+            tqdm.write(f"  {row['image']}: {row['generated']!r} (reference: {row['reference']!r})")
+        if self.run is not None:
+            import wandb
+
+            columns = ["image", "prompt", "reference", "generated"]
+            table = wandb.Table(columns=columns, data=[[wandb.Image(image), *(row[c] for c in columns[1:])]
+                                                       for row, image in zip(rows, images)])
+            self.run.log({"samples": table}, step=step)
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
@@ -280,6 +300,29 @@ def forward_backward(model, micro_batches: list, device, dtype, scaler, world_si
     return all_reduce_sum(loss_sum) / max(num_targets, 1), num_tokens, num_samples
 
 
+def readable_images(dataset: LLaVADataset, count: int) -> tuple[list[dict], list]:
+    """The first `count` entries of dataset whose image can be read, and their images."""
+    entries, images = [], []
+    for entry in dataset.entries:
+        if len(entries) == count:
+            break
+        try:
+            images.append(decode_image(dataset.images.read(entry["image"])))
+            entries.append(entry)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    return entries, images
+
+
+def caption_samples(model, entries: list[dict], images: list, device, dtype) -> list[dict]:
+    """Greedy answers to each entry's own first question: what training-time sampling logs."""
+    prompts = [first_question(entry) for entry in entries]
+    with autocast(device, dtype):
+        answers = model.generate(images, prompts, max_new_tokens=48)
+    return [{"image": e["image"], "prompt": p, "reference": first_answer(e), "generated": a}
+            for e, p, a in zip(entries, prompts, answers)]
+
+
 @torch.no_grad()
 def evaluate(model, loader, device, dtype) -> float:
     """Mean loss per target token over the whole loader (summed over processes)."""
@@ -299,12 +342,9 @@ def evaluate(model, loader, device, dtype) -> float:
 def build_model(cfg: VLMConfig, device: torch.device, dtype: torch.dtype) -> TinyVLM:
     """The frozen encoders are held in the run's dtype (bf16 on a modern GPU): they are never updated, so
     float32 copies would only cost memory and bandwidth. The projector stays float32 under autocast."""
-    attention = cfg.attn_implementation
-    if attention == "auto":
-        attention = "sdpa" if device.type == "cuda" else "eager"
     torch.manual_seed(cfg.seed)  # the projector's initial weights
     model = TinyVLM.from_config(model_config(cfg), dtype=dtype if dtype != torch.float16 else torch.float32,
-                                attn_implementation=attention)
+                                attn_implementation=pick_attention(cfg.attn_implementation, device))
     return model.to(device)
 
 
@@ -355,6 +395,13 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
     val_loader = DataLoader(torch.utils.data.Subset(val_set, val_indices), batch_size=cfg.batch_size,
                             **loader_options)
     logger = Logger(cfg, run_dir, is_main, wandb_id)
+    sample_entries, sample_images = readable_images(val_set, cfg.num_sample_images) if is_main else ([], [])
+
+    def log_samples() -> None:
+        if sample_entries:
+            logger.log_samples(caption_samples(model, sample_entries, sample_images, device, dtype),
+                               sample_images, step)
+            model.train()
 
     def save_checkpoint() -> None:
         state = {
@@ -376,6 +423,8 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
     previous_handlers = {s: signal.signal(s, lambda signum, _: stop_signal.append(signum))
                          for s in (signal.SIGINT, signal.SIGTERM)}
 
+    if step == 0 and cfg.sample_every > 0:
+        log_samples()  # what the model says before it learns anything
     model.train()
     batches = iter(train_loader)
     progress = tqdm(total=max_steps, initial=step, disable=not is_main, dynamic_ncols=True)
@@ -421,6 +470,8 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
                     best_val_loss = val_loss
                     if is_main:
                         save_atomically(os.path.join(run_dir, "best"), model.save_pretrained)
+            if cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == max_steps):
+                log_samples()
             if step % cfg.save_every == 0 or step == max_steps:
                 save_checkpoint()
             stopping = all_reduce_sum(torch.tensor([len(stop_signal)], device=device)).item() > 0

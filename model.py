@@ -53,6 +53,13 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def pick_attention(name: str, device: torch.device) -> str:
+    """"auto": sdpa on GPUs; eager on CPUs, where sdpa's backward is about twice as slow (measured)."""
+    if name != "auto":
+        return name
+    return "sdpa" if device.type == "cuda" else "eager"
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     """Mixed precision for float32 weights (the projector) beside frozen weights already held in dtype."""
     if dtype == torch.float32:
@@ -133,8 +140,7 @@ class TinyVLM(nn.Module):
                     attn_implementation: str = "sdpa"):
         """Load the pretrained encoders named in config (hub ids or local folders) and a fresh projector.
         dtype is for the encoders' weights; the projector is always kept in float32. attn_implementation is
-        transformers' (sdpa, eager, flash_attention_2): on a CPU, eager trains about twice as fast as sdpa,
-        whose backward is slow there."""
+        transformers' (sdpa, eager, flash_attention_2; see pick_attention)."""
         lm_path = language_model_path or config.language_model
         vision = SiglipVisionModel.from_pretrained(config.vision_model, dtype=dtype,
                                                    attn_implementation=attn_implementation)
@@ -212,10 +218,11 @@ class TinyVLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, images: list, prompts, max_new_tokens: int = 64, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
+                 temperature: float = 1.0, top_p: float = 1.0, **generate_options) -> list[str]:
         """One answer per image: `images` are PIL images (None for a text-only prompt), `prompts` one string
         for all or one per image. Prompts are built exactly as in training (Processor) and left-padded; the
-        LM's generate() decodes with its KV cache and stops at the end-of-turn token."""
+        LM's generate() decodes with its KV cache and stops at the end-of-turn token. generate_options go
+        to transformers' generate() as they are (use_cache, min_new_tokens, repetition_penalty, ...)."""
         prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
         if len(prompts) != len(images):
             raise ValueError(f"got {len(images)} images and {len(prompts)} prompts")
@@ -232,7 +239,8 @@ class TinyVLM(nn.Module):
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
         output = self.lm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device),
                                   max_new_tokens=max_new_tokens, eos_token_id=self.processor.end_of_turn_id,
-                                  pad_token_id=tokenizer.pad_token_id, **sampling)  # (B, new tokens)
+                                  pad_token_id=tokenizer.pad_token_id, **sampling, **generate_options)
+        # output: (B, new tokens); with inputs_embeds and no input_ids, generate() returns only new tokens
         return [text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
 
 

@@ -180,6 +180,19 @@ def test_wandb_offline_run_and_metrics_jsonl_are_written(tiny_config):
     assert [m["step"] for m in logged if "train/loss" in m] == [1, 2, 3, 4]
 
 
+def test_training_logs_captions_of_held_out_images(tiny_config):
+    run_dir = run(dataclasses.replace(tiny_config, wandb_mode="offline", sample_every=2, num_sample_images=3))
+    with open(os.path.join(run_dir, "samples.jsonl")) as f:
+        logged = [json.loads(line) for line in f]
+    assert [entry["step"] for entry in logged] == [0, 2, 4]  # before training, then every 2 steps
+    val = json.load(open(tiny_config.val_data_path))
+    for entry in logged:
+        assert [s["image"] for s in entry["samples"]] == [e["image"] for e in val[:3]]
+        assert all(s["reference"] and s["prompt"] and "<image>" not in s["prompt"] for s in entry["samples"])
+    wandb_files = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "files", "media", "table", "*.json"))
+    assert len(wandb_files) == 3
+
+
 def test_bad_data_is_skipped_counted_and_logged(tiny_config, shapes_data, tmp_path):
     entries = json.load(open(f"{shapes_data}/chat.json"))
     entries[0]["image"] = "missing.jpg"
