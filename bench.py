@@ -1,0 +1,374 @@
+"""Measure TinyVLM's speed on this machine: the training step, the data pipeline and generation.
+  python bench.py                          # real sizes (SigLIP-base-224, SmolLM2-135M, default projector)
+  python bench.py --tiny                   # tiny models: checks the script in seconds
+  python bench.py --parts train --batch_size 64 --json bench.json
+Models are built from configs with random weights, so nothing is downloaded (a tokenizer is read from the
+demo's folder, or --tokenizer). Prints a table per part and writes everything to --json.
+"""
+
+import argparse
+import io
+import json
+import os
+import platform
+import random
+import tempfile
+import time
+import zipfile
+
+import torch
+import torch.nn.functional as F
+import transformers
+from PIL import Image, ImageDraw
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+from data import IGNORE_INDEX, LLaVADataset, collate, open_image_source, to_messages
+from demo import INSTRUCTIONS, LANGUAGE_MODEL_DIR, SIGLIP_PREPROCESSING
+from main import VLMConfig
+from model import ModelConfig, TinyVLM, autocast, pick_device
+
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0)
+TINY_LM = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, tie_word_embeddings=True)
+TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+
+# Dense bf16 tensor-core peaks from NVIDIA's data sheets (no sparsity), in TFLOP/s, matched on the device name.
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
+                   "A100": 312.0, "A40": 149.7, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.2}
+CAPTION_WORDS = ("a photo of the old stone bridge over the river in the autumn light with people walking "
+                 "across it near a small town").split()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models and batches
+
+
+def build_model(tiny: bool, weights_dtype: torch.dtype, attention: str, tokenizer, device) -> TinyVLM:
+    """TinyVLM at the real sizes (or tiny ones) with random weights."""
+    torch.manual_seed(0)
+    vision = SiglipVisionModel(SiglipVisionConfig(vision_use_head=False, attn_implementation=attention,
+                                                  **(TINY_VISION if tiny else {})))
+    lm = LlamaForCausalLM(LlamaConfig(attn_implementation=attention, eos_token_id=tokenizer.eos_token_id,
+                                      pad_token_id=tokenizer.pad_token_id, **(TINY_LM if tiny else SMOLLM2_135M)))
+    defaults = VLMConfig()
+    config = ModelConfig(vision_model="random SigLIP", language_model="random SmolLM2",
+                         vision_feature_layer=defaults.vision_feature_layer,
+                         pixel_shuffle_factor=defaults.pixel_shuffle_factor,
+                         projector_hidden_dim=64 if tiny else defaults.projector_hidden_dim)
+    model = TinyVLM(config, vision.to(weights_dtype), lm.to(weights_dtype), tokenizer, SIGLIP_PREPROCESSING)
+    return model.to(device)
+
+
+def synthetic_samples(model: TinyVLM, count: int, seed: int = 0) -> list[dict]:
+    """CC3M-like samples: a LLaVA instruction, a caption of 6-16 words (CC3M's are about 10), a 224 px image."""
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(count):
+        caption = " ".join(rng.choice(CAPTION_WORDS) for _ in range(rng.randint(6, 16))) + " ."
+        turns = [{"from": "human", "value": f"{rng.choice(INSTRUCTIONS)}\n<image>"}, {"from": "gpt", "value": caption}]
+        input_ids, labels = model.processor.encode(to_messages(turns, model.processor.image_placeholder))
+        pixels = torch.randint(0, 256, (3, 224, 224), dtype=torch.uint8, generator=generator)
+        samples.append({"input_ids": input_ids, "labels": labels, "pixels": pixels})
+    return samples
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels", "pixels")}
+
+
+def full_vocabulary_loss(model: TinyVLM, input_ids, attention_mask, labels, pixels) -> torch.Tensor:
+    """The naive loss: logits for every position and the whole vocabulary, then a masked cross-entropy."""
+    embeds = model.embed(input_ids, pixels)
+    logits = model.lm(inputs_embeds=embeds, attention_mask=attention_mask).logits  # (B, T, vocab)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FLOPs and peaks
+
+
+def flops_per_sample(model: TinyVLM, tokens: float, targets: float) -> dict:
+    """Model FLOPs of one training sample (multiply-add = 2 FLOPs), by part:
+    - vision forward: 2 x (kept encoder layers' parameters) per patch, plus attention 4 x patches^2 x width
+      per layer; no backward (frozen, run without autograd);
+    - projector: 2 x params per image token forward; backward computes every weight gradient (2 x params)
+      and the input gradient of `down` only (its own input needs none);
+    - LM decoder (frozen, embeddings excluded): forward 2 x params per token plus causal-agnostic
+      attention 4 x layers x tokens^2 x width; backward computes activation gradients only, about one
+      forward again;
+    - LM head at the target positions only: forward and input-gradient backward, 2 x 2 x vocab x width each.
+    """
+    vision = model.vision
+    vision_config = vision.config
+    encoder = getattr(vision, "vision_model", vision).encoder
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    layer_params = sum(p.numel() for p in encoder.layers.parameters())
+    vision_flops = 2 * layer_params * patches + 4 * len(encoder.layers) * patches**2 * vision_config.hidden_size
+    vision_flops += 2 * sum(p.numel() for p in vision.embeddings.patch_embedding.parameters()) * patches
+    projector = model.projector
+    projector_params = sum(p.numel() for p in projector.parameters())
+    image_tokens = model.num_image_tokens
+    projector_flops = image_tokens * (2 * projector_params + 2 * projector_params + 2 * projector.down.weight.numel())
+    lm_config = model.lm.config
+    decoder = model.lm.get_decoder()
+    decoder_params = sum(p.numel() for p in decoder.layers.parameters())
+    attention = 4 * lm_config.num_hidden_layers * tokens**2 * lm_config.hidden_size
+    lm_flops = 2 * (2 * decoder_params * tokens + attention)
+    head_flops = 4 * targets * lm_config.vocab_size * lm_config.hidden_size
+    parts = {"vision": vision_flops, "projector": projector_flops, "language_model": lm_flops, "lm_head": head_flops}
+    return {**parts, "total": sum(parts.values())}
+
+
+def peak_tflops(device: torch.device) -> tuple[float, str]:
+    """The device's dense bf16 peak and where the figure comes from."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return value, f"{name}: NVIDIA data sheet, dense bf16"
+        return float("nan"), f"{name}: peak unknown, add it to GPU_PEAK_TFLOPS"
+    size, repeats = 2048, 10
+    a, b = torch.randn(size, size, dtype=torch.bfloat16), torch.randn(size, size, dtype=torch.bfloat16)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    seconds = time.perf_counter() - start
+    return 2 * size**3 * repeats / seconds / 1e12, "CPU: a 2048^2 bf16 matmul measured in this run"
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The three parts
+
+
+def bench_train(args, tokenizer, device, dtype) -> list[dict]:
+    """Steady-state training steps (vision forward, projector, LM forward and backward, AdamW) of variants
+    that each change one thing against the naive baseline."""
+    variants = [  # (name, frozen weights dtype, loss, attention)
+        ("naive: fp32 frozen weights, full-vocabulary logits", torch.float32, "full", args.attention),
+        ("frozen weights in the run dtype", dtype, "full", args.attention),
+        ("+ LM head on target positions only (TinyVLM)", dtype, "targets", args.attention),
+    ]
+    other_attention = "sdpa" if args.attention == "eager" else "eager"
+    variants.append((f"TinyVLM with {other_attention} attention", dtype, "targets", other_attention))
+    peak, peak_source = peak_tflops(device)
+    rows = []
+    for name, weights_dtype, loss_kind, attention in variants:
+        model = build_model(args.tiny, weights_dtype, attention, tokenizer, device)
+        samples = synthetic_samples(model, args.batch_size)
+        batch = collate(samples, tokenizer.pad_token_id)
+        tokens = batch["attention_mask"].sum().item() / args.batch_size
+        targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
+        batch = to_device(batch, device)
+        optimizer = torch.optim.AdamW(model.projector.parameters(), lr=1e-4, fused=device.type == "cuda")
+        loss_fn = full_vocabulary_loss if loss_kind == "full" else TinyVLM.forward
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times, losses = [], []
+        for step in range(args.warmup + args.steps):
+            synchronize(device)
+            start = time.perf_counter()
+            with autocast(device, dtype):
+                loss = loss_fn(model, **batch)
+            (loss / targets).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            synchronize(device)
+            if step >= args.warmup:
+                times.append(time.perf_counter() - start)
+            losses.append(loss.item() / targets)
+        seconds = sorted(times)[len(times) // 2]  # median step
+        flops = flops_per_sample(model, tokens, targets / args.batch_size)
+        achieved = flops["total"] * args.batch_size / seconds / 1e12
+        rows.append({
+            "variant": name, "loss": loss_kind, "attention": attention, "batch_size": args.batch_size, "step_ms": 1000 * seconds,
+            "samples_per_s": args.batch_size / seconds, "tokens_per_s": tokens * args.batch_size / seconds,
+            "tflops": achieved, "mfu": achieved / peak, "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9
+            if device.type == "cuda" else None, "first_loss": losses[0], "tokens_per_sample": tokens,
+            "gflops_per_sample": {k: v / 1e9 for k, v in flops.items()}, "peak_tflops": peak,
+            "peak_source": peak_source})
+        del model, optimizer, batch
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def cc3m_like_zip(folder: str, count: int, seed: int = 0) -> str:
+    """A zip of small JPEGs like CC3M's (about 11 KB each): smooth gradients with a few shapes."""
+    rng = random.Random(seed)
+    path = os.path.join(folder, "images.zip")
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for i in range(count):
+            width, height = rng.choice([(400, 300), (300, 400), (500, 333), (333, 500)])
+            image = Image.linear_gradient("L").resize((width, height)).convert("RGB")
+            draw = ImageDraw.Draw(image)
+            for _ in range(4):
+                x, y = rng.randrange(width), rng.randrange(height)
+                draw.ellipse((x, y, x + rng.randint(20, 150), y + rng.randint(20, 150)),
+                             fill=tuple(rng.randrange(256) for _ in range(3)))
+            for _ in range(35):  # texture, so the JPEGs weigh what photos do
+                x, y = rng.randrange(width), rng.randrange(height)
+                draw.line((x, y, x + rng.randint(-60, 60), y + rng.randint(-60, 60)),
+                          fill=tuple(rng.randrange(256) for _ in range(3)), width=2)
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=75)
+            archive.writestr(f"GCC_train_{i:09d}.jpg", buffer.getvalue())
+    return path
+
+
+def bench_data(args, tokenizer) -> list[dict]:
+    """Images/s of the whole input pipeline (zip read, JPEG decode, RGB, resize, tokenize, collate), by the
+    number of DataLoader workers."""
+    model = build_model(True, torch.float32, "eager", tokenizer, torch.device("cpu"))  # for its Processor
+    processor = model.processor
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        zip_path = cc3m_like_zip(folder, args.data_images)
+        mean_kb = os.path.getsize(zip_path) / args.data_images / 1024
+        entries = [{"id": str(i), "image": f"GCC_train_{i:09d}.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image concisely."},
+            {"from": "gpt", "value": "a photo of the old stone bridge over the river ."}]} for i in range(args.data_images)]
+        dataset = LLaVADataset(entries, open_image_source(zip_path), processor)
+        for workers in sorted({0, 1, 2, 4, 8, os.cpu_count() or 1}):
+            if workers > (os.cpu_count() or 1):
+                continue
+            loader = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=workers,
+                                                 collate_fn=lambda s: collate(s, tokenizer.pad_token_id),
+                                                 pin_memory=torch.cuda.is_available())
+            iterator = iter(loader)
+            first = next(iterator)  # workers started and warm
+            start = time.perf_counter()
+            count = sum(len(batch["input_ids"]) for batch in iterator)
+            seconds = time.perf_counter() - start
+            rows.append({"workers": workers, "images_per_s": count / seconds, "jpeg_kb": mean_kb,
+                         "images": count + len(first["input_ids"])})
+    return rows
+
+
+@torch.no_grad()
+def generate_without_cache(model: TinyVLM, images: list, prompt: str, new_tokens: int) -> list[str]:
+    """Greedy decoding that runs the whole sequence through the LM for every new token: the cost the KV cache
+    saves. (transformers' generate() ignores use_cache=False when it starts from inputs_embeds.)"""
+    processor, device = model.processor, model.pixel_mean.device
+    samples = [{"input_ids": processor.encode_prompt(processor.prompt_messages(prompt)), "labels": [],
+                "pixels": processor.image_to_pixels(image)} for image in images]
+    for sample in samples:
+        sample["labels"] = [IGNORE_INDEX] * len(sample["input_ids"])
+    batch = to_device(collate(samples, processor.tokenizer.pad_token_id, padding_side="left"), device)
+    embeds, mask = model.embed(batch["input_ids"], batch["pixels"]), batch["attention_mask"]
+    generated = []
+    for _ in range(new_tokens):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        next_token = logits[:, -1].argmax(-1)  # (B,)
+        generated.append(next_token)
+        embeds = torch.cat([embeds, model.lm.get_input_embeddings()(next_token)[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    tokens = torch.stack(generated, dim=1)  # (B, new_tokens)
+    return [t.strip() for t in processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+
+def bench_generate(args, tokenizer, device, dtype) -> list[dict]:
+    """Images/s and generated tokens/s of TinyVLM.generate (KV cache) and of decoding without a cache. Every
+    sequence generates exactly --new_tokens tokens (min_new_tokens), so random weights time like trained
+    ones."""
+    model = build_model(args.tiny, dtype, args.attention, tokenizer, device).eval()
+    images = [Image.fromarray(torch.randint(0, 256, (224, 224, 3), dtype=torch.uint8).numpy()) for _ in range(16)]
+    prompt = "Describe the image concisely."
+    rows = []
+    for batch_size in (1, 16):
+        runs = {"generate() with KV cache": lambda: model.generate(
+                    images[:batch_size], prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens),
+                "no cache": lambda: generate_without_cache(model, images[:batch_size], prompt, args.new_tokens)}
+        for name, run in runs.items():
+            with autocast(device, dtype):
+                run()  # warm-up
+                synchronize(device)
+                start = time.perf_counter()
+                run()
+                synchronize(device)
+            seconds = time.perf_counter() - start
+            rows.append({"batch_size": batch_size, "decoding": name, "seconds": seconds,
+                         "images_per_s": batch_size / seconds,
+                         "new_tokens_per_s": batch_size * args.new_tokens / seconds})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
+    print(f"\n{title}")
+    print(" | ".join(columns))
+    for row in rows:
+        print(" | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns))
+
+
+def cc3m_projection(train_rows: list[dict], mfu: float, dollars_per_hour: float) -> dict:
+    """One epoch of LLaVA-CC3M-595K on one A40 at a given MFU, from the FLOPs per sample measured here."""
+    tinyvlm = next(row for row in train_rows if row["loss"] == "targets")
+    flops = tinyvlm["gflops_per_sample"]["total"] * 1e9 * 595_375
+    seconds = flops / (GPU_PEAK_TFLOPS["A40"] * 1e12 * mfu)
+    return {"epoch_pflops": flops / 1e15, "a40_mfu_assumed": mfu, "a40_minutes": seconds / 60,
+            "a40_dollars": seconds / 3600 * dollars_per_hour, "dollars_per_hour_assumed": dollars_per_hour}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny models instead of the real sizes")
+    parser.add_argument("--parts", default="train,data,generate")
+    parser.add_argument("--batch_size", type=int, default=None, help="training batch (default: 8 on CPU, 64 on GPU)")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="bfloat16", help="the run dtype (autocast and frozen weights)")
+    parser.add_argument("--attention", default=None, help="default: sdpa on GPUs, eager on CPUs")
+    parser.add_argument("--data_images", type=int, default=512)
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--tokenizer", default=None, help="default: the demo's SmolLM2 folder, else the hub id")
+    parser.add_argument("--a40_mfu", type=float, default=0.4, help="MFU assumed for the A40 projection")
+    parser.add_argument("--a40_dollars_per_hour", type=float, default=0.44)
+    parser.add_argument("--json", default="bench.json")
+    args = parser.parse_args()
+    transformers.utils.logging.disable_progress_bar()
+    device = pick_device(args.device)
+    dtype = getattr(torch, args.dtype)
+    args.attention = args.attention or ("sdpa" if device.type == "cuda" else "eager")
+    args.batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
+    tokenizer_path = args.tokenizer or (LANGUAGE_MODEL_DIR if os.path.isdir(LANGUAGE_MODEL_DIR)
+                                        else "HuggingFaceTB/SmolLM2-135M-Instruct")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    report = {"device": device_name, "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+              "transformers": transformers.__version__, "tiny": args.tiny, "dtype": args.dtype}
+    print(json.dumps(report))
+    parts = args.parts.split(",")
+    if "train" in parts:
+        report["train"] = bench_train(args, tokenizer, device, dtype)
+        print_table("training step", report["train"], ["variant", "batch_size", "step_ms", "samples_per_s",
+                                                        "tokens_per_s", "mfu", "peak_memory_gb", "first_loss"])
+        report["cc3m_epoch_projection"] = cc3m_projection(report["train"], args.a40_mfu, args.a40_dollars_per_hour)
+        print(json.dumps(report["cc3m_epoch_projection"]))
+    if "data" in parts:
+        report["data"] = bench_data(args, tokenizer)
+        print_table("data pipeline (zip -> decode -> resize -> tokenize -> collate)", report["data"],
+                    ["workers", "images_per_s", "jpeg_kb"])
+    if "generate" in parts:
+        report["generate"] = bench_generate(args, tokenizer, device, dtype)
+        print_table(f"generation ({args.new_tokens} new tokens per image)", report["generate"],
+                    ["batch_size", "decoding", "images_per_s", "new_tokens_per_s"])
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
