@@ -201,6 +201,86 @@ def bench_train(args, tokenizer, device, dtype) -> list[dict]:
     return rows
 
 
+def memory_now_and_reset_peak(device) -> float:
+    """Bytes in use now; from here the peak is measured again (on Linux CPUs, through clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM, the resident-set peak, to the current resident set
+    return proc_status_bytes("VmRSS")
+
+
+def peak_memory(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return proc_status_bytes("VmHWM")
+
+
+def proc_status_bytes(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(float(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def instruct_samples(model: TinyVLM, count: int, seed: int = 0) -> list[dict]:
+    """LLaVA-Instruct-like samples: three question-answer turns of 40-70 words after the image."""
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(count):
+        turns = []
+        for k in range(3):
+            question = " ".join(rng.choice(CAPTION_WORDS) for _ in range(10)) + "?"
+            turns += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + question},
+                      {"from": "gpt", "value": " ".join(rng.choice(CAPTION_WORDS) for _ in range(rng.randint(40, 70)))}]
+        input_ids, labels = model.processor.encode(to_messages(turns, model.processor.image_placeholder))
+        pixels = torch.randint(0, 256, (3, 224, 224), dtype=torch.uint8, generator=generator)
+        samples.append({"input_ids": input_ids, "labels": labels, "pixels": pixels})
+    return samples
+
+
+def bench_finetune(args, tokenizer, device, dtype) -> list[dict]:
+    """Stage 2's training step (projector and language model trained, fp32 weights under autocast) with and
+    without gradient checkpointing: time and peak memory, the whole process's and per sample above idle."""
+    rows = []
+    for checkpointing in (False, True):
+        model = build_model(args.tiny, dtype, args.attention, tokenizer, device)
+        model.lm.float().requires_grad_(True)
+        if checkpointing:
+            model.checkpoint_language_model()
+        batch = collate(instruct_samples(model, args.finetune_batch_size), tokenizer.pad_token_id)
+        tokens = batch["attention_mask"].sum().item() / args.finetune_batch_size
+        targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
+        batch = to_device(batch, device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+        model.train()
+        times = []
+        for step in range(1 + args.finetune_steps):
+            if step == 1:  # after one step the optimizer state exists: what remains is the step's own memory
+                idle = memory_now_and_reset_peak(device)
+            synchronize(device)
+            start = time.perf_counter()
+            with autocast(device, dtype):
+                loss = model(**batch)
+            (loss / targets).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        seconds = sorted(times[1:])[len(times[1:]) // 2]
+        peak = peak_memory(device)
+        rows.append({"gradient_checkpointing": checkpointing, "batch_size": args.finetune_batch_size,
+                     "tokens_per_sample": tokens, "step_ms": 1000 * seconds,
+                     "samples_per_s": args.finetune_batch_size / seconds, "peak_memory_gb": peak / 1e9,
+                     "memory_per_sample_mb": (peak - idle) / args.finetune_batch_size / 1e6,
+                     "memory": "CUDA allocated" if device.type == "cuda" else "process resident set (VmHWM)"})
+        del model, optimizer, batch
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 def cc3m_like_zip(folder: str, count: int, seed: int = 0) -> str:
     """A zip of small JPEGs like CC3M's (about 11 KB each): smooth gradients with a few shapes."""
     rng = random.Random(seed)
@@ -324,13 +404,15 @@ def cc3m_projection(train_rows: list[dict], mfu: float, dollars_per_hour: float)
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny models instead of the real sizes")
-    parser.add_argument("--parts", default="train,data,generate")
+    parser.add_argument("--parts", default="train,finetune,data,generate")
     parser.add_argument("--batch_size", type=int, default=None, help="training batch (default: 8 on CPU, 64 on GPU)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="bfloat16", help="the run dtype (autocast and frozen weights)")
     parser.add_argument("--attention", default=None, help="default: sdpa on GPUs, eager on CPUs")
+    parser.add_argument("--finetune_batch_size", type=int, default=16, help="stage 2's default per-device batch")
+    parser.add_argument("--finetune_steps", type=int, default=2)
     parser.add_argument("--data_images", type=int, default=512)
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--tokenizer", default=None, help="default: the demo's SmolLM2 folder, else the hub id")
@@ -357,6 +439,11 @@ def main():
                                                         "tokens_per_s", "mfu", "peak_memory_gb", "first_loss"])
         report["cc3m_epoch_projection"] = cc3m_projection(report["train"], args.a40_mfu, args.a40_dollars_per_hour)
         print(json.dumps(report["cc3m_epoch_projection"]))
+    if "finetune" in parts:
+        report["finetune"] = bench_finetune(args, tokenizer, device, dtype)
+        print_table("stage-2 training step (language model trained too)", report["finetune"],
+                    ["gradient_checkpointing", "batch_size", "tokens_per_sample", "step_ms", "samples_per_s",
+                     "peak_memory_gb", "memory_per_sample_mb"])
     if "data" in parts:
         report["data"] = bench_data(args, tokenizer)
         print_table("data pipeline (zip -> decode -> resize -> tokenize -> collate)", report["data"],

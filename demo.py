@@ -15,6 +15,8 @@ import zipfile
 import torch
 from PIL import Image, ImageDraw
 
+from data import first_answer, first_question, load_llava_json, open_image_source
+
 DEMO_DIR = "data/demo"
 LANGUAGE_MODEL_DIR = f"{DEMO_DIR}/models/SmolLM2-135M-Instruct"
 VISION_MODEL_DIR = f"{DEMO_DIR}/models/siglip-base-patch16-128-random-init"
@@ -43,6 +45,22 @@ DEMO_CONFIG = dict(
     sample_every=100,
     run_name="demo",
     wandb_mode="offline",
+)
+
+DEMO_FINETUNE_CONFIG = dict(
+    DEMO_CONFIG,
+    stage="finetune",
+    init_from="runs/demo",  # the stage-1 demo's run: its best projector
+    data_path=f"{DEMO_DIR}/instruct.json",
+    val_data_path=f"{DEMO_DIR}/instruct_val.json",
+    max_steps=120,
+    lr=1e-4,
+    lm_lr=1e-4,
+    warmup_steps=10,
+    eval_every=40,
+    save_every=120,
+    sample_every=60,
+    run_name="demo-finetune",
 )
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
@@ -85,10 +103,11 @@ def draw_shape(colour: str, shape: str, rng: random.Random, size: int = 224) -> 
 
 
 def make_entry(index: int, colour: str, shape: str, rng: random.Random) -> dict:
+    """A LLaVA entry; "colour" and "shape" are extra fields that scoring reads (LLaVA's loaders ignore them)."""
     instruction = rng.choice(INSTRUCTIONS)
     human = f"{instruction}\n<image>" if rng.random() < 0.5 else f"<image>\n{instruction}"
     caption = rng.choice(CAPTIONS).format(colour=colour, shape=shape)
-    return {"id": f"shape_{index:06d}", "image": f"shape_{index:06d}.jpg",
+    return {"id": f"shape_{index:06d}", "image": f"shape_{index:06d}.jpg", "colour": colour, "shape": shape,
             "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}]}
 
 
@@ -110,6 +129,60 @@ def make_dataset(folder: str, num_train: int = 2400, val_per_kind: int = 4, seed
         with open(os.path.join(folder, name), "w") as f:
             json.dump(part, f, indent=1)
     os.replace(tmp, os.path.join(folder, "images.zip"))  # written last: its presence means the set is whole
+
+
+def question(task: str, colour: str, shape: str, rng: random.Random) -> tuple[str, str]:
+    """A question of one kind about an image of a colour and shape, and its answer."""
+    if task == "colour":
+        return rng.choice(["What colour is the shape?", "Which colour is it?"]), f"It is {colour}."
+    if task == "shape":
+        return rng.choice(["What shape is this?", "Which shape do you see?"]), f"A {shape}."
+    if rng.random() < 0.5:  # yes/no, half of them about the shape, half about the colour
+        asked = rng.choice(SHAPES)
+        return f"Is there a {asked} in the image?", "Yes." if asked == shape else "No."
+    asked = rng.choice(list(COLOURS))
+    return f"Is the shape {asked}?", "Yes." if asked == colour else "No."
+
+
+TASKS = ("colour", "shape", "yes_no")
+TEXT_ONLY = (("How many sides does a triangle have?", "Three."), ("How many sides does a square have?", "Four."),
+             ("Does a circle have corners?", "No."), ("What do you get when you mix blue and yellow?", "Green."),
+             ("What do you get when you mix red and yellow?", "Orange."),
+             ("What do you get when you mix red and blue?", "Purple."))
+
+
+def make_instruct_dataset(folder: str, seed: int = 0) -> None:
+    """Stage 2's data, in the layout of LLaVA's instruction sets, from the stage-1 images: instruct.json has a
+    multi-turn conversation of 1-3 questions per training image (the image in the first human turn only)
+    and a text-only conversation (no "image" key) for every tenth one; instruct_val.json one question of
+    each kind per held-out image, its kind in "task"."""
+    rng = random.Random(seed)
+    with open(os.path.join(folder, "chat.json")) as f:
+        train_images = json.load(f)
+    with open(os.path.join(folder, "val.json")) as f:
+        val_images = json.load(f)
+    conversations = []
+    for i, image in enumerate(train_images):
+        turns = []
+        for k in range(rng.randint(1, 3)):
+            text, answer = question(rng.choice(TASKS), image["colour"], image["shape"], rng)
+            turns += [{"from": "human", "value": f"<image>\n{text}" if k == 0 else text},
+                      {"from": "gpt", "value": answer}]
+        conversations.append({**image, "id": f"instruct_{i:06d}", "conversations": turns})
+        if i % 10 == 0:
+            text, answer = rng.choice(TEXT_ONLY)
+            conversations.append({"id": f"text_{i:06d}", "conversations": [
+                {"from": "human", "value": text}, {"from": "gpt", "value": answer}]})
+    held_out = []
+    for image in val_images:
+        for task in TASKS:
+            text, answer = question(task, image["colour"], image["shape"], rng)
+            held_out.append({**image, "id": f"{image['id']}_{task}", "task": task, "conversations": [
+                {"from": "human", "value": f"<image>\n{text}"}, {"from": "gpt", "value": answer}]})
+    for name, entries in (("instruct.json", conversations), ("instruct_val.json", held_out)):
+        with open(os.path.join(folder, name + ".tmp"), "w") as f:
+            json.dump(entries, f, indent=1)
+        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,9 +242,13 @@ def prepare_vision_model(folder: str = VISION_MODEL_DIR, seed: int = 0) -> str:
 
 def prepare(cfg) -> None:
     """Everything the demo needs on disk, made once."""
+    folder = os.path.dirname(cfg.image_root)
     if not os.path.isfile(cfg.image_root):
-        print(f"generating the synthetic shapes dataset in {os.path.dirname(cfg.image_root)}")
-        make_dataset(os.path.dirname(cfg.image_root))
+        print(f"generating the synthetic shapes dataset in {folder}")
+        make_dataset(folder)
+    if cfg.stage == "finetune" and not os.path.isfile(cfg.data_path):
+        print(f"generating the synthetic instruction dataset in {folder}")
+        make_instruct_dataset(folder)
     prepare_language_model(cfg.language_model)
     prepare_vision_model(cfg.vision_model)
 
@@ -180,34 +257,42 @@ def prepare(cfg) -> None:
 # Held-out caption accuracy
 
 
-def caption_is_correct(caption: str, colour: str, shape: str) -> bool:
-    """Names the right colour and the right shape, and no other colour or shape."""
-    words = set(caption.lower().replace(".", " ").replace(",", " ").split())
-    named_colours, named_shapes = words & set(COLOURS), words & set(SHAPES)
-    return named_colours == {colour} and named_shapes == {shape}
+def named(text: str, vocabulary) -> set:
+    return set(text.lower().replace(".", " ").replace(",", " ").split()) & set(vocabulary)
 
 
-def reference_label(entry: dict) -> tuple[str, str]:
-    caption = next(t["value"] for t in entry["conversations"] if t["from"] == "gpt")
-    words = caption.lower().replace(".", " ").split()
-    return next(w for w in words if w in COLOURS), next(w for w in words if w in SHAPES)
+def is_correct(entry: dict, answer: str) -> bool:
+    """Whether an answer about a demo image is right. A caption must name the right colour and the right
+    shape and no other; a colour or shape answer the right one and no other; a yes/no answer must start with
+    the right word."""
+    task = entry.get("task", "caption")
+    colour_right, shape_right = named(answer, COLOURS) == {entry["colour"]}, named(answer, SHAPES) == {entry["shape"]}
+    if task == "caption":
+        return colour_right and shape_right
+    if task == "colour":
+        return colour_right
+    if task == "shape":
+        return shape_right
+    expected = first_answer(entry).split(".")[0].lower()
+    words = answer.lower().replace(".", " ").replace(",", " ").split()
+    return bool(words) and words[0] == expected
 
 
-def caption_accuracy(model, entries: list, image_root: str, device, dtype, batch_size: int = 24):
-    """Greedy captions of the held-out images and the fraction with colour and shape both right."""
-    from data import decode_image, open_image_source
-    from model import autocast
+def evaluate(model, entries: list, image_root: str, device, dtype, prompt: str | None = None) -> list[dict]:
+    """Greedy answers to held-out entries (to `prompt`, or each entry's own question), scored: generate.py's
+    batched answering, 24 at a time."""
+    from generate import answer
 
-    images = open_image_source(image_root)
-    captions = []
+    jobs = [{"id": e["id"], "image": e["image"], "prompt": prompt or first_question(e)} for e in entries]
     model.eval()
-    for start in range(0, len(entries), batch_size):
-        batch = entries[start:start + batch_size]
-        pictures = [decode_image(images.read(e["image"])) for e in batch]
-        with autocast(device, dtype):
-            captions += model.generate(pictures, PROMPT, max_new_tokens=24)
-    correct = [caption_is_correct(c, *reference_label(e)) for c, e in zip(captions, entries)]
-    return sum(correct) / len(correct), captions, correct
+    answer(model, jobs, open_image_source(image_root), device, dtype, batch_size=24, max_new_tokens=24)
+    for job, entry in zip(jobs, entries):
+        job["correct"] = is_correct(entry, job["answer"])
+    return jobs
+
+
+def accuracy(jobs: list[dict]) -> float:
+    return sum(job["correct"] for job in jobs) / len(jobs)
 
 
 def plot_losses(metrics_path: str, png_path: str, title: str) -> None:
@@ -246,8 +331,7 @@ def plot_losses(metrics_path: str, png_path: str, title: str) -> None:
 
 
 def run(cfg, device, dtype) -> None:
-    """The demo: prepare, caption the held-out set, train, caption it again, report."""
-    from data import load_llava_json
+    """The demo: prepare, answer the held-out set, train, answer it again, report."""
     from main import build_model, train
 
     started = time.perf_counter()
@@ -256,17 +340,26 @@ def run(cfg, device, dtype) -> None:
           "model is the real SmolLM2-135M-Instruct. Expect shape and colour, not real-world captions.")
     model = build_model(cfg, device, dtype)
     val_entries = load_llava_json(cfg.val_data_path)
-    before, before_captions, _ = caption_accuracy(model, val_entries, cfg.image_root, device, dtype)
+    prompt = PROMPT if cfg.stage == "pretrain" else None  # captions; in stage 2 each entry's own question
+    before = evaluate(model, val_entries, cfg.image_root, device, dtype, prompt)
     run_dir = train(cfg, model, device, dtype)
-    after, after_captions, correct = caption_accuracy(model, val_entries, cfg.image_root, device, dtype)
-    print(f"\nheld-out captions ({len(val_entries)} images, prompt {PROMPT!r}):")
-    for entry, old, new, ok in list(zip(val_entries, before_captions, after_captions, correct))[::8]:
-        print(f"  {entry['image']}  truth: {' '.join(reference_label(entry)):16s} before: {old[:40]!r:44s} "
-              f"after: {new!r} {'ok' if ok else 'WRONG'}")
-    with open(os.path.join(run_dir, "heldout_captions.json"), "w") as f:
-        json.dump([{"id": e["id"], "image": e["image"], "before": old, "after": new, "correct": ok}
-                   for e, old, new, ok in zip(val_entries, before_captions, after_captions, correct)], f, indent=1)
+    after = evaluate(model, val_entries, cfg.image_root, device, dtype, prompt)
+    stride = len(val_entries) // 9 + 1  # 9 of them, of every kind
+    print(f"\nheld-out answers ({len(val_entries)}; every {stride}th shown):")
+    for entry, old, new in list(zip(val_entries, before, after))[::stride]:
+        truth = f"{entry['colour']} {entry['shape']}"
+        print(f"  {entry['image']} ({truth}) {new['prompt']!r}\n    before: {old['answer'][:50]!r}\n"
+              f"    after:  {new['answer']!r} {'ok' if new['correct'] else 'WRONG'}")
+    with open(os.path.join(run_dir, "heldout_answers.json"), "w") as f:
+        json.dump([{**new, "before": old["answer"], "correct_before": old["correct"]}
+                   for old, new in zip(before, after)], f, indent=1)
     plot_losses(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "loss.png"),
-                f"TinyVLM demo: projector training loss, held-out accuracy {before:.0%} -> {after:.0%}")
-    print(f"colour and shape both right: {before:.0%} before training, {after:.0%} after "
-          f"({time.perf_counter() - started:.0f} s in all; captions and loss.png in {run_dir})")
+                f"TinyVLM demo ({cfg.stage}): training loss, held-out accuracy {accuracy(before):.0%} -> "
+                f"{accuracy(after):.0%}")
+    tasks = sorted({e.get("task", "caption") for e in val_entries})
+    for task in tasks:
+        chosen = [i for i, e in enumerate(val_entries) if e.get("task", "caption") == task]
+        print(f"{task}: {accuracy([before[i] for i in chosen]):.0%} right before training, "
+              f"{accuracy([after[i] for i in chosen]):.0%} after ({len(chosen)} held-out questions)")
+    print(f"all: {accuracy(before):.0%} before, {accuracy(after):.0%} after "
+          f"({time.perf_counter() - started:.0f} s in all; answers and loss.png in {run_dir})")

@@ -47,12 +47,13 @@ def load_job_image(job: dict, image_source) -> Image.Image:
     return decode_image(image_source.read(job["image"]))
 
 
-def answer(model, jobs: list[dict], image_source, args, device, dtype) -> list[dict]:
-    """Fill in each job's "answer", or its "error" when its image cannot be read; others go on."""
-    progress = tqdm(total=len(jobs), disable=len(jobs) <= args.batch_size, desc="generating", file=sys.stderr)
-    for start in range(0, len(jobs), args.batch_size):
+def answer(model, jobs: list[dict], image_source, device, dtype, batch_size: int = 16, **generation) -> list[dict]:
+    """Fill in each job's "answer" ({"image", "prompt"} -> + "answer"), or its "error" when its image cannot
+    be read; the others go on. generation: TinyVLM.generate's options (max_new_tokens, do_sample, ...)."""
+    progress = tqdm(total=len(jobs), disable=len(jobs) <= batch_size, desc="generating", file=sys.stderr)
+    for start in range(0, len(jobs), batch_size):
         batch, images = [], []
-        for job in jobs[start:start + args.batch_size]:
+        for job in jobs[start:start + batch_size]:
             try:
                 images.append(load_job_image(job, image_source) if job["image"] else None)
                 batch.append(job)
@@ -61,11 +62,10 @@ def answer(model, jobs: list[dict], image_source, args, device, dtype) -> list[d
                 print(f"error: {job['image']}: {job['error']}", file=sys.stderr)
         if batch:
             with autocast(device, dtype):
-                answers = model.generate(images, [job["prompt"] for job in batch], args.max_new_tokens,
-                                         args.do_sample, args.temperature, args.top_p)
+                answers = model.generate(images, [job["prompt"] for job in batch], **generation)
             for job, text in zip(batch, answers):
                 job["answer"] = text
-        progress.update(len(jobs[start:start + args.batch_size]))
+        progress.update(len(jobs[start:start + batch_size]))
     progress.close()
     return jobs
 
@@ -116,7 +116,8 @@ def main(argv: list[str]) -> int:
         jobs, image_source = llava_jobs(args.data, args.prompt), open_image_source(args.image_root)
     else:
         jobs, image_source = image_jobs(args.image, args.prompt or DEFAULT_PROMPT), None
-    jobs = answer(model, jobs, image_source, args, device, dtype)
+    jobs = answer(model, jobs, image_source, device, dtype, args.batch_size, max_new_tokens=args.max_new_tokens,
+                  do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p)
     if args.output:
         write_predictions(jobs, args.output)
         print(f"wrote {len(jobs)} predictions to {args.output}", file=sys.stderr)

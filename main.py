@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from data import (IGNORE_INDEX, LLaVADataset, StreamSampler, collate, decode_image, filter_entries, first_answer,
                   first_question, ignore_sigint_in_worker, load_llava_json, open_image_source, split_entries)
-from model import ModelConfig, TinyVLM, autocast, pick_attention, pick_device, pick_dtype
+from model import ModelConfig, TinyVLM, autocast, find_model_folder, pick_attention, pick_device, pick_dtype
 
 
 @dataclass
@@ -46,13 +46,18 @@ class VLMConfig:
     val_data_path: str = ""  # a held-out LLaVA JSON; empty: hold out val_size entries of data_path
     val_size: int = 1024
     num_workers: int = 8
+    # stage: "pretrain" trains the projector; "finetune" (stage 2) trains the projector and the language model
+    stage: str = "pretrain"
+    init_from: str = ""  # a trained TinyVLM (model or run folder) to start from: stage 2 starts from stage 1
+    gradient_checkpointing: bool = False  # recompute LM activations in the backward pass: less memory
     # optimisation (LLaVA stage 1: global batch 256, lr 1e-3, warmup 3%, cosine, one epoch)
     batch_size: int = 64  # per device and micro-batch
     grad_accum_steps: int = 4  # global batch = batch_size * grad_accum_steps * number of GPUs
     epochs: float = 1.0
     max_steps: int = -1  # -1: as many optimizer steps as `epochs` takes
-    lr: float = 1e-3
-    min_lr: float = 0.0
+    lr: float = 1e-3  # the projector's
+    lm_lr: float = 2e-5  # the language model's, in stage 2
+    min_lr_ratio: float = 0.0  # the schedule ends at lr * min_lr_ratio
     warmup_steps: int = -1  # -1: 3% of lr_decay_steps
     lr_decay_steps: int = -1  # length of the warmup + cosine schedule; -1: max_steps
     weight_decay: float = 0.0
@@ -100,17 +105,32 @@ def parse_args(argv: list[str]) -> dict:
     return vars(parser.parse_args(argv))
 
 
+# Stage 2 as LLaVA-1.5 finetunes: llava_v1_5_mix665k, global batch 128, lr 2e-5, warmup 3%, cosine, one epoch.
+FINETUNE_CONFIG = dict(data_path="data/llava_v1_5_mix665k.json", image_root="data/llava_images", max_length=2048,
+                       batch_size=16, grad_accum_steps=8, lr=2e-5, lm_lr=2e-5, eval_every=200, save_every=1000)
+
+
 def resolve_config(overrides: dict) -> VLMConfig:
-    """Defaults, then the demo's settings (with --demo), then a resumed run's saved config (with --resume),
-    then what the command line says."""
+    """Defaults, then stage 2's (with --stage finetune), then the demo's (with --demo), then the model
+    settings of --init_from, then a resumed run's saved config (with --resume), then the command line."""
     values = {}
+    finetune = overrides.get("stage") == "finetune"
+    if finetune:
+        values.update(FINETUNE_CONFIG)
     if overrides.get("demo"):
-        from demo import DEMO_CONFIG
-        values.update(DEMO_CONFIG)
+        from demo import DEMO_CONFIG, DEMO_FINETUNE_CONFIG
+        values.update(DEMO_FINETUNE_CONFIG if finetune else DEMO_CONFIG)
+    init_from = overrides.get("init_from", values.get("init_from"))
+    if init_from:
+        if overrides.get("demo") and not os.path.isdir(init_from):
+            raise FileNotFoundError(f"the stage-2 demo starts from the stage-1 demo's run, {init_from}: "
+                                    "run `uv run main.py --demo` first")
+        with open(os.path.join(find_model_folder(init_from), "config.json")) as f:
+            values.update(json.load(f))  # the architecture is the checkpoint's
     if overrides.get("resume"):
         values.update(load_training_state(overrides["resume"])["config"])
     values.update(overrides)
-    return VLMConfig(**values)
+    return VLMConfig(**{k: v for k, v in values.items() if k in VLMConfig.__dataclass_fields__})
 
 
 def model_config(cfg: VLMConfig) -> ModelConfig:
@@ -138,7 +158,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def average_gradients(parameters: list, world_size: int) -> None:
+def average_gradients(parameters: list, world_size: int, bucket_size: int = 2**25) -> None:
     """Sum the trainable gradients across processes in one flat all-reduce, once per optimizer step.
 
     Done by hand rather than by DistributedDataParallel: the projector sits at the input, so its gradient
@@ -148,24 +168,31 @@ def average_gradients(parameters: list, world_size: int) -> None:
     global number of target tokens, so a sum (not a mean) is the right reduction."""
     if world_size == 1:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    for p, g in zip(parameters, torch.split(flat, [g.numel() for g in grads])):
-        p.grad = g.view_as(p).to(p.dtype)
+    buckets, size = [[]], 0
+    for p in parameters:  # buckets of about bucket_size elements: few collectives, bounded extra memory
+        if size >= bucket_size:
+            buckets, size = buckets + [[]], 0
+        buckets[-1].append(p)
+        size += p.numel()
+    for bucket in buckets:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        for p, g in zip(bucket, torch.split(flat, [g.numel() for g in grads])):
+            p.grad = g.view_as(p)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Schedule, checkpoints, logs
 
 
-def lr_at(step: int, base_lr: float, cfg: VLMConfig, warmup_steps: int, decay_steps: int) -> float:
-    """Linear warmup, then cosine decay to min_lr at decay_steps. A pure function of the step, so the step
-    is all the scheduler state a checkpoint needs."""
+def lr_factor(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
+    """The multiplier of each parameter group's learning rate: linear warmup, then cosine decay to min_ratio
+    at decay_steps. A pure function of the step, so the step is all the scheduler state a checkpoint needs."""
     if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
+        return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (base_lr - cfg.min_lr)
+    return min_ratio + 0.5 * (1 + math.cos(math.pi * progress)) * (1 - min_ratio)
 
 
 def save_atomically(folder: str, write) -> None:
@@ -250,11 +277,12 @@ def load_data(cfg: VLMConfig, processor, log) -> tuple[LLaVADataset, LLaVADatase
     """Train and validation datasets. Entries that cannot be trained on are skipped and counted here, at
     start-up; samples whose image turns out bad are skipped and counted as they are loaded."""
     images = open_image_source(cfg.image_root)
-    entries, skipped, examples = filter_entries(load_llava_json(cfg.data_path), require_image=True)
+    require_image = cfg.stage == "pretrain"  # stage 2 mixes text-only samples in, as LLaVA-1.5 does
+    entries, skipped, examples = filter_entries(load_llava_json(cfg.data_path), require_image)
     if skipped:
         log(f"{cfg.data_path}: skipped {sum(skipped.values())} entries {dict(skipped)}, e.g. {examples}")
     if cfg.val_data_path:
-        train, (val, val_skipped, _) = entries, filter_entries(load_llava_json(cfg.val_data_path), True)
+        train, (val, val_skipped, _) = entries, filter_entries(load_llava_json(cfg.val_data_path), require_image)
         skipped.update({f"val {reason}": n for reason, n in val_skipped.items()})
     else:
         train, val = split_entries(entries, cfg.val_size, cfg.seed)
@@ -306,6 +334,8 @@ def readable_images(dataset: LLaVADataset, count: int) -> tuple[list[dict], list
     for entry in dataset.entries:
         if len(entries) == count:
             break
+        if not entry.get("image"):
+            continue
         try:
             images.append(decode_image(dataset.images.read(entry["image"])))
             entries.append(entry)
@@ -340,11 +370,23 @@ def evaluate(model, loader, device, dtype) -> float:
 
 
 def build_model(cfg: VLMConfig, device: torch.device, dtype: torch.dtype) -> TinyVLM:
-    """The frozen encoders are held in the run's dtype (bf16 on a modern GPU): they are never updated, so
-    float32 copies would only cost memory and bandwidth. The projector stays float32 under autocast."""
+    """The model to train, with what it trains marked requires_grad. Frozen encoders are held in the run's
+    dtype (bf16 on a modern GPU): they are never updated, so float32 copies would only cost memory and
+    bandwidth. Trained weights (the projector; in stage 2 the language model too) are float32 under autocast.
+    With init_from, the weights it holds are loaded; otherwise the projector starts from cfg.seed."""
     torch.manual_seed(cfg.seed)  # the projector's initial weights
-    model = TinyVLM.from_config(model_config(cfg), dtype=dtype if dtype != torch.float16 else torch.float32,
-                                attn_implementation=pick_attention(cfg.attn_implementation, device))
+    frozen_dtype = dtype if dtype != torch.float16 else torch.float32  # fp16 weights would need loss scaling
+    attention = pick_attention(cfg.attn_implementation, device)
+    if cfg.init_from:
+        model = TinyVLM.from_pretrained(find_model_folder(cfg.init_from), frozen_dtype, attention)
+    else:
+        model = TinyVLM.from_config(model_config(cfg), frozen_dtype, attn_implementation=attention)
+    if cfg.stage == "finetune":
+        model.lm.float().requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            model.checkpoint_language_model()
+    elif cfg.stage != "pretrain":
+        raise ValueError(f"stage must be pretrain or finetune, got {cfg.stage!r}")
     return model.to(device)
 
 
@@ -367,14 +409,17 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
     decay_steps = cfg.lr_decay_steps if cfg.lr_decay_steps > 0 else max_steps
     warmup_steps = cfg.warmup_steps if cfg.warmup_steps >= 0 else math.ceil(0.03 * decay_steps)
 
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+    groups = [{"params": list(model.projector.parameters()), "base_lr": cfg.lr}]
+    if cfg.stage == "finetune":
+        groups.append({"params": list(model.lm.parameters()), "base_lr": cfg.lm_lr})
+    parameters = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
                                   fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     step, position, best_val_loss, wandb_id = 0, 0, float("inf"), None
     if cfg.resume:
         state = load_training_state(run_dir)
-        model.projector.load_state_dict(load_projector(checkpoint_folder(run_dir)))
+        model.load_weights(checkpoint_folder(run_dir))
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step, position, best_val_loss = state["step"], state["position"], state["best_val_loss"]
@@ -403,6 +448,9 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
                                sample_images, step)
             model.train()
 
+    def save_model(folder: str) -> None:
+        model.save_pretrained(folder, save_language_model=cfg.stage == "finetune")
+
     def save_checkpoint() -> None:
         state = {
             "step": step, "position": position, "best_val_loss": best_val_loss, "config": asdict(cfg),
@@ -412,7 +460,7 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
         }
 
         def write(folder):
-            model.save_pretrained(folder)
+            save_model(folder)
             torch.save(state, os.path.join(folder, "training_state.pt"))
 
         if is_main:
@@ -431,9 +479,10 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
     interval_start, interval_samples, interval_tokens = time.perf_counter(), 0, 0
     try:
         while step < max_steps:
-            lr = lr_at(step, cfg.lr, cfg, warmup_steps, decay_steps)
+            factor = lr_factor(step, warmup_steps, decay_steps, cfg.min_lr_ratio)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = group["base_lr"] * factor
+            lr = cfg.lr * factor
             micro_batches = [next(batches) for _ in range(cfg.grad_accum_steps)]
             position += global_batch
             for batch in micro_batches:
@@ -455,6 +504,7 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
                 train_loss = train_loss.item()
                 seconds = time.perf_counter() - interval_start
                 metrics = {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm.item(),
+                           **({"train/lm_lr": cfg.lm_lr * factor} if cfg.stage == "finetune" else {}),
                            "train/samples_per_s": interval_samples / seconds,
                            "train/tokens_per_s": interval_tokens / seconds,
                            **{f"data/skipped {reason}": n for reason, n in skipped.items()}}
@@ -469,7 +519,7 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
                 if val_loss < best_val_loss:
                     best_val_loss = val_loss
                     if is_main:
-                        save_atomically(os.path.join(run_dir, "best"), model.save_pretrained)
+                        save_atomically(os.path.join(run_dir, "best"), save_model)
             if cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == max_steps):
                 log_samples()
             if step % cfg.save_every == 0 or step == max_steps:
@@ -485,12 +535,6 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
     return run_dir
-
-
-def load_projector(folder: str) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(folder, "projector.safetensors"))
 
 
 def main(argv: list[str]) -> None:

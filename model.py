@@ -163,6 +163,8 @@ class TinyVLM(nn.Module):
         return model
 
     def save_pretrained(self, path: str, save_language_model: bool = False) -> None:
+        """config.json and projector.safetensors; with save_language_model (after stage 2), the language model
+        and its tokenizer in language_model/, a folder transformers can load on its own."""
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(asdict(self.config), f, indent=2)
@@ -171,6 +173,28 @@ class TinyVLM(nn.Module):
         if save_language_model:
             self.lm.save_pretrained(os.path.join(path, "language_model"))
             self.processor.tokenizer.save_pretrained(os.path.join(path, "language_model"))
+
+    def load_weights(self, path: str) -> None:
+        """Load into this model the trained weights of a folder that save_pretrained wrote: the projector, and
+        the language model too when the folder has one."""
+        self.projector.load_state_dict(load_file(os.path.join(path, "projector.safetensors")))
+        lm_file = os.path.join(path, "language_model", "model.safetensors")
+        if os.path.isfile(lm_file):
+            weights = load_file(lm_file, device=str(self.pixel_mean.device))
+            missing, unexpected = self.lm.load_state_dict(weights, strict=False)
+            tied = {"lm_head.weight"} if self.lm.config.tie_word_embeddings else set()
+            if unexpected or set(missing) - tied:
+                raise ValueError(f"{lm_file} does not fit the language model: missing {missing}, "
+                                 f"unexpected {unexpected}")
+
+    def checkpoint_language_model(self) -> None:
+        """Gradient (activation) checkpointing for the language model: its layers' activations are recomputed
+        in the backward pass instead of kept. transformers 5.2x renamed the switch; older ones have the old."""
+        enable = getattr(self.lm, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from data import collate, to_messages
 from demo import DEMO_CONFIG
-from main import (VLMConfig, build_model, checkpoint_folder, forward_backward, load_training_state, lr_at, main,
+from main import (VLMConfig, build_model, checkpoint_folder, forward_backward, load_training_state, lr_factor, main,
                   parse_args, resolve_config, save_atomically, train)
 
 CPU = torch.device("cpu")
@@ -148,11 +148,11 @@ def test_best_checkpoint_is_the_lowest_validation_loss(tiny_config):
     assert os.path.isfile(os.path.join(run_dir, "best", "projector.safetensors"))
 
 
-def test_lr_warms_up_then_decays_to_min_lr():
-    cfg = VLMConfig(lr=1.0, min_lr=0.1)
-    lrs = [lr_at(step, 1.0, cfg, warmup_steps=4, decay_steps=20) for step in range(21)]
-    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[20] == pytest.approx(0.1)
+def test_lr_warms_up_then_decays_to_its_minimum():
+    factors = [lr_factor(step, warmup_steps=4, decay_steps=20, min_ratio=0.1) for step in range(22)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(factors[3:], factors[4:]))
+    assert factors[20] == factors[21] == pytest.approx(0.1)
 
 
 def test_command_line_overrides_are_typed():
