@@ -188,11 +188,12 @@ def bench_train(args, tokenizer, device, dtype) -> list[dict]:
         seconds = sorted(times)[len(times) // 2]  # median step
         flops = flops_per_sample(model, tokens, targets / args.batch_size)
         achieved = flops["total"] * args.batch_size / seconds / 1e12
+        cuda_peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
         rows.append({
-            "variant": name, "loss": loss_kind, "attention": attention, "batch_size": args.batch_size, "step_ms": 1000 * seconds,
-            "samples_per_s": args.batch_size / seconds, "tokens_per_s": tokens * args.batch_size / seconds,
-            "tflops": achieved, "mfu": achieved / peak, "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9
-            if device.type == "cuda" else None, "first_loss": losses[0], "tokens_per_sample": tokens,
+            "variant": name, "loss": loss_kind, "attention": attention, "batch_size": args.batch_size,
+            "step_ms": 1000 * seconds, "samples_per_s": args.batch_size / seconds,
+            "tokens_per_s": tokens * args.batch_size / seconds, "tflops": achieved, "mfu": achieved / peak,
+            "peak_memory_gb": cuda_peak, "first_loss": losses[0], "tokens_per_sample": tokens,
             "gflops_per_sample": {k: v / 1e9 for k, v in flops.items()}, "peak_tflops": peak,
             "peak_source": peak_source})
         del model, optimizer, batch
@@ -313,9 +314,10 @@ def bench_data(args, tokenizer) -> list[dict]:
     with tempfile.TemporaryDirectory() as folder:
         zip_path = cc3m_like_zip(folder, args.data_images)
         mean_kb = os.path.getsize(zip_path) / args.data_images / 1024
-        entries = [{"id": str(i), "image": f"GCC_train_{i:09d}.jpg", "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the image concisely."},
-            {"from": "gpt", "value": "a photo of the old stone bridge over the river ."}]} for i in range(args.data_images)]
+        turns = [{"from": "human", "value": "<image>\nDescribe the image concisely."},
+                 {"from": "gpt", "value": "a photo of the old stone bridge over the river ."}]
+        entries = [{"id": str(i), "image": f"GCC_train_{i:09d}.jpg", "conversations": turns}
+                   for i in range(args.data_images)]
         dataset = LLaVADataset(entries, open_image_source(zip_path), processor)
         for workers in sorted({0, 1, 2, 4, 8, os.cpu_count() or 1}):
             if workers > (os.cpu_count() or 1):

@@ -15,7 +15,7 @@ import zipfile
 import torch
 from PIL import Image, ImageDraw
 
-from data import first_answer, first_question, load_llava_json, open_image_source
+from data import first_answer
 
 DEMO_DIR = "data/demo"
 LANGUAGE_MODEL_DIR = f"{DEMO_DIR}/models/SmolLM2-135M-Instruct"
@@ -54,8 +54,8 @@ DEMO_FINETUNE_CONFIG = dict(
     data_path=f"{DEMO_DIR}/instruct.json",
     val_data_path=f"{DEMO_DIR}/instruct_val.json",
     max_steps=120,
-    lr=1e-4,
-    lm_lr=1e-4,
+    lr=3e-4,
+    lm_lr=3e-5,
     warmup_steps=10,
     eval_every=40,
     save_every=120,
@@ -278,21 +278,15 @@ def is_correct(entry: dict, answer: str) -> bool:
     return bool(words) and words[0] == expected
 
 
-def evaluate(model, entries: list, image_root: str, device, dtype, prompt: str | None = None) -> list[dict]:
-    """Greedy answers to held-out entries (to `prompt`, or each entry's own question), scored: generate.py's
-    batched answering, 24 at a time."""
-    from generate import answer
+def evaluate(model, cfg, device, dtype) -> tuple[dict, list[dict]]:
+    """eval.py's "shapes" task on the run's held-out set: greedy answers, 24 at a time, scored by is_correct."""
+    import argparse
 
-    jobs = [{"id": e["id"], "image": e["image"], "prompt": prompt or first_question(e)} for e in entries]
-    model.eval()
-    answer(model, jobs, open_image_source(image_root), device, dtype, batch_size=24, max_new_tokens=24)
-    for job, entry in zip(jobs, entries):
-        job["correct"] = is_correct(entry, job["answer"])
-    return jobs
+    import eval as benchmarks
 
-
-def accuracy(jobs: list[dict]) -> float:
-    return sum(job["correct"] for job in jobs) / len(jobs)
+    args = argparse.Namespace(shapes=cfg.val_data_path, shapes_images=cfg.image_root, limit=None, seed=0,
+                              batch_size=24, max_new_tokens=24)
+    return benchmarks.run_task("shapes", model, args, device, dtype)
 
 
 def plot_losses(metrics_path: str, png_path: str, title: str) -> None:
@@ -339,27 +333,27 @@ def run(cfg, device, dtype) -> None:
     print("NOTE: SigLIP is randomly initialised (no SigLIP weights can be downloaded here); the language "
           "model is the real SmolLM2-135M-Instruct. Expect shape and colour, not real-world captions.")
     model = build_model(cfg, device, dtype)
-    val_entries = load_llava_json(cfg.val_data_path)
-    prompt = PROMPT if cfg.stage == "pretrain" else None  # captions; in stage 2 each entry's own question
-    before = evaluate(model, val_entries, cfg.image_root, device, dtype, prompt)
+    before_metrics, before = evaluate(model, cfg, device, dtype)
     run_dir = train(cfg, model, device, dtype)
-    after = evaluate(model, val_entries, cfg.image_root, device, dtype, prompt)
-    stride = len(val_entries) // 9 + 1  # 9 of them, of every kind
-    print(f"\nheld-out answers ({len(val_entries)}; every {stride}th shown):")
-    for entry, old, new in list(zip(val_entries, before, after))[::stride]:
-        truth = f"{entry['colour']} {entry['shape']}"
-        print(f"  {entry['image']} ({truth}) {new['prompt']!r}\n    before: {old['answer'][:50]!r}\n"
-              f"    after:  {new['answer']!r} {'ok' if new['correct'] else 'WRONG'}")
+    after_metrics, after = evaluate(model, cfg, device, dtype)
+    stride = len(after) // 9 + 1  # 9 of them, of every kind
+    print(f"\nheld-out answers ({len(after)}; every {stride}th shown):")
+    for old, new in list(zip(before, after))[::stride]:
+        entry, verdict = new["entry"], "ok" if new["correct"] else "WRONG"
+        print(f"  {entry['image']} ({entry['colour']} {entry['shape']}) {new['prompt']!r}\n"
+              f"    before: {old['answer'][:50]!r}\n    after:  {new['answer']!r} {verdict}")
     with open(os.path.join(run_dir, "heldout_answers.json"), "w") as f:
-        json.dump([{**new, "before": old["answer"], "correct_before": old["correct"]}
+        json.dump([{"id": new["id"], "image": new["image"], "prompt": new["prompt"], "answer": new["answer"],
+                    "correct": new["correct"], "before": old["answer"], "correct_before": old["correct"]}
                    for old, new in zip(before, after)], f, indent=1)
     plot_losses(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "loss.png"),
-                f"TinyVLM demo ({cfg.stage}): training loss, held-out accuracy {accuracy(before):.0%} -> "
-                f"{accuracy(after):.0%}")
-    tasks = sorted({e.get("task", "caption") for e in val_entries})
-    for task in tasks:
-        chosen = [i for i, e in enumerate(val_entries) if e.get("task", "caption") == task]
-        print(f"{task}: {accuracy([before[i] for i in chosen]):.0%} right before training, "
-              f"{accuracy([after[i] for i in chosen]):.0%} after ({len(chosen)} held-out questions)")
-    print(f"all: {accuracy(before):.0%} before, {accuracy(after):.0%} after "
-          f"({time.perf_counter() - started:.0f} s in all; answers and loss.png in {run_dir})")
+                f"TinyVLM demo ({cfg.stage}): training loss, held-out accuracy {before_metrics['accuracy']:.0f}% -> "
+                f"{after_metrics['accuracy']:.0f}%")
+    kinds = [job["entry"].get("task", "caption") for job in after]
+    for kind in sorted(set(kinds)):
+        pairs = [(o["correct"], n["correct"]) for o, n, k in zip(before, after, kinds) if k == kind]
+        print(f"{kind}: {sum(o for o, _ in pairs) / len(pairs):.0%} right before training, "
+              f"{sum(n for _, n in pairs) / len(pairs):.0%} after ({len(pairs)} held-out questions)")
+    print(f"all: {before_metrics['accuracy']:.0f}% before, {after_metrics['accuracy']:.0f}% after "
+          f"({time.perf_counter() - started:.0f} s in all; answers and loss.png in {run_dir}; "
+          f"`python eval.py --checkpoint {run_dir} --tasks shapes --shapes {cfg.val_data_path}` re-scores it)")

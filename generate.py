@@ -40,22 +40,28 @@ def llava_jobs(data_path: str, prompt: str | None) -> list[dict]:
              "prompt": prompt or first_question(entry) or DEFAULT_PROMPT} for entry in load_llava_json(data_path)]
 
 
-def load_job_image(job: dict, image_source) -> Image.Image:
-    if image_source is None:
-        with open(job["image"], "rb") as f:
-            return decode_image(f.read())
-    return decode_image(image_source.read(job["image"]))
+def image_loader(image_source):
+    """job -> its image: a file path, or a name in image_source (a folder or zip); None without an image."""
+    def load(job: dict) -> Image.Image | None:
+        if not job.get("image"):
+            return None
+        if image_source is None:
+            with open(job["image"], "rb") as f:
+                return decode_image(f.read())
+        return decode_image(image_source.read(job["image"]))
+    return load
 
 
-def answer(model, jobs: list[dict], image_source, device, dtype, batch_size: int = 16, **generation) -> list[dict]:
-    """Fill in each job's "answer" ({"image", "prompt"} -> + "answer"), or its "error" when its image cannot
-    be read; the others go on. generation: TinyVLM.generate's options (max_new_tokens, do_sample, ...)."""
+def answer(model, jobs: list[dict], load_image, device, dtype, batch_size: int = 16, **generation) -> list[dict]:
+    """Fill in each job's "answer" (a job has a "prompt"; load_image(job) gives its image, or None for a
+    text-only question), or its "error" when its image cannot be read; the others go on. generation:
+    TinyVLM.generate's options (max_new_tokens, do_sample, ...). Used by generate.py, eval.py and the demo."""
     progress = tqdm(total=len(jobs), disable=len(jobs) <= batch_size, desc="generating", file=sys.stderr)
     for start in range(0, len(jobs), batch_size):
         batch, images = [], []
         for job in jobs[start:start + batch_size]:
             try:
-                images.append(load_job_image(job, image_source) if job["image"] else None)
+                images.append(load_image(job))
                 batch.append(job)
             except (OSError, ValueError, Image.DecompressionBombError) as error:
                 job["error"] = f"cannot read image: {error}"
@@ -116,7 +122,8 @@ def main(argv: list[str]) -> int:
         jobs, image_source = llava_jobs(args.data, args.prompt), open_image_source(args.image_root)
     else:
         jobs, image_source = image_jobs(args.image, args.prompt or DEFAULT_PROMPT), None
-    jobs = answer(model, jobs, image_source, device, dtype, args.batch_size, max_new_tokens=args.max_new_tokens,
+    jobs = answer(model, jobs, image_loader(image_source), device, dtype, args.batch_size,
+                  max_new_tokens=args.max_new_tokens,
                   do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p)
     if args.output:
         write_predictions(jobs, args.output)
