@@ -134,6 +134,8 @@ def check_entry(entry, require_image: bool) -> str | None:
         return "malformed entry"
     if any(t.get("from") not in ROLES for t in turns):
         return "unknown role"
+    if next((t["from"] for t in turns if t["from"] != "system"), None) != "human":
+        return "does not start with a human turn"
     if not any(t["from"] == "gpt" for t in turns):
         return "no assistant turn"
     if any(t["from"] == "gpt" and not t["value"].strip() for t in turns):
@@ -215,7 +217,7 @@ class Processor:
     """
 
     def __init__(self, tokenizer, image_settings: dict, image_token: str, num_image_tokens: int,
-                 max_length: int = 2048, system_prompt: str | None = ""):
+                 system_prompt: str | None = ""):
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         if tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
@@ -224,7 +226,6 @@ class Processor:
         self.image_placeholder = image_token * num_image_tokens
         self.end_of_turn = tokenizer.eos_token  # SmolLM2-Instruct: <|im_end|>, the end of every turn
         self.end_of_turn_id = tokenizer.eos_token_id
-        self.max_length = max_length
         size = image_settings["size"]
         if "height" not in size or "width" not in size:
             raise ValueError(f"preprocessor config: expected size with height and width, got {size}")
@@ -287,13 +288,16 @@ class Processor:
 # Dataset, sampler, batches
 
 
+SKIPPED_WHEN_LOADED = ("image missing", "image unreadable", "too long")  # the reasons LLaVADataset gives
+
+
 class LLaVADataset(Dataset):
     """LLaVA entries as training samples. A sample that cannot be used (its image is missing, truncated or
-    unreadable, or it is longer than max_length) comes back as {"skipped": reason}; the collate function
-    drops it and counts it, so one bad file never stops a run."""
+    unreadable, or it is longer than max_length tokens) comes back as {"skipped": reason}; the collate
+    function drops it and counts it, so one bad file never stops a run."""
 
-    def __init__(self, entries: list, image_source, processor: Processor):
-        self.entries, self.images, self.processor = entries, image_source, processor
+    def __init__(self, entries: list, image_source, processor: Processor, max_length: int = 2048):
+        self.entries, self.images, self.processor, self.max_length = entries, image_source, processor, max_length
 
     def __len__(self):
         return len(self.entries)
@@ -302,7 +306,7 @@ class LLaVADataset(Dataset):
         entry = self.entries[index]
         messages = to_messages(entry["conversations"], self.processor.image_placeholder)
         input_ids, labels = self.processor.encode(messages)
-        if len(input_ids) > self.processor.max_length:
+        if len(input_ids) > self.max_length:
             return {"skipped": "too long"}
         pixels = None
         if entry.get("image"):

@@ -18,7 +18,7 @@ from collections import defaultdict
 import transformers
 from PIL import Image
 
-from data import decode_image, first_answer, first_question, load_llava_json, open_image_source
+from data import decode_image, first_answer, first_question, load_llava_json, open_image_source, to_rgb
 from generate import answer
 from model import TinyVLM, find_model_folder, pick_attention, pick_device, pick_dtype
 
@@ -46,7 +46,7 @@ def to_image(value) -> Image.Image:
     """A dataset's image cell as RGB: a PIL image (datasets' Image feature), {"bytes": ...} (plain parquet),
     raw bytes, or a base64 string."""
     if isinstance(value, Image.Image):
-        return value.convert("RGB")
+        return to_rgb(value)
     if isinstance(value, dict):
         if value.get("bytes") is not None:
             return decode_image(value["bytes"])
@@ -79,7 +79,9 @@ def extract_choice(text: str, options: dict | None = None) -> str | None:
         named = [letter for letter, option in options.items() if option and option.lower() in text.lower()]
         if len(named) == 1:
             return named[0]
-    letters = set(re.findall(r"(?<![A-Za-z'])([A-D])(?![A-Za-z'])", text))
+    # a lone capital A-D, but not the article in "A dog ..."
+    letters = {m.group(1) for m in re.finditer(r"(?<![A-Za-z'])([A-D])(?![A-Za-z'])", text)
+               if not (m.group(1) == "A" and re.match(r"\s+(?!or\b|and\b)[a-z]", text[m.end():]))}
     return letters.pop() if len(letters) == 1 else None
 
 
@@ -131,9 +133,9 @@ def normalize_vqa_answer(text: str) -> str:
     """Lower-case; punctuation removed (or turned into a space); periods not between digits removed; number
     words to digits; articles dropped; contractions restored. Applied to the prediction and to every human
     answer, as lmms-eval does (the official script skips it when all humans agree)."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    for mark in VQA_PUNCTUATION:
-        if (mark + " " in text or " " + mark in text) or re.search(r"(\d)(,)(\d)", text):
+    original = text = text.replace("\n", " ").replace("\t", " ").strip()
+    for mark in VQA_PUNCTUATION:  # each mark is judged on the original text, as the official script does
+        if (mark + " " in original or " " + mark in original) or re.search(r"(\d)(,)(\d)", original):
             text = text.replace(mark, "")
         else:
             text = text.replace(mark, " ")
@@ -208,10 +210,11 @@ def image_column_loader(rows):
 
 def mmstar_task(args):
     rows = load_rows(args.mmstar, "val")
-    rows = rows.select(range(min(args.limit, len(rows)))) if args.limit else rows
-    jobs = [{"id": r["index"], "row": i, "prompt": r["question"] + MULTIPLE_CHOICE_SUFFIX, "truth": r["answer"],
-             "category": r["category"], "l2_category": r["l2_category"],
-             "options": mmstar_options(r["question"])} for i, r in enumerate(rows.remove_columns("image"))]
+    table = rows.remove_columns("image")
+    chosen = seeded_subset(list(range(len(rows))), args.limit, args.seed)  # MMStar is sorted by category
+    jobs = [{"id": table[i]["index"], "row": i, "prompt": table[i]["question"] + MULTIPLE_CHOICE_SUFFIX,
+             "truth": table[i]["answer"], "category": table[i]["category"], "l2_category": table[i]["l2_category"],
+             "options": mmstar_options(table[i]["question"])} for i in chosen]
 
     def score(jobs):
         for job in jobs:
@@ -347,8 +350,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a model folder, or a run folder (its best/)")
     parser.add_argument("--tasks", default="shapes", help=f"comma-separated, of: {', '.join(TASKS)}")
-    parser.add_argument("--limit", type=int, default=None, help="at most this many items per task (a seeded "
-                        "subset; MMStar: its first items)")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many items per task: a fixed subset "
+                        "chosen with --seed")
     parser.add_argument("--seed", type=int, default=0, help="chooses the --limit subsets")
     parser.add_argument("--mmstar", default="Lin-Chen/MMStar", help="hub id or local parquet")
     parser.add_argument("--pope", default="lmms-lab/POPE", help="hub id or local parquet")

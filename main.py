@@ -1,4 +1,5 @@
-"""Train TinyVLM: stage 1 trains the modality projector on LLaVA-format image-caption data.
+"""Train TinyVLM: stage 1 trains the modality projector on LLaVA-format image-caption data; stage 2
+(--stage finetune) trains the projector and the language model on LLaVA instruction data.
   uv run main.py --demo                              # offline demo on synthetic shapes, CPU, about 4 minutes
   python main.py --batch_size 32 --lr 1e-3           # any VLMConfig field can be overridden like this
   torchrun --nproc_per_node 4 main.py                # the same run on 4 GPUs
@@ -25,7 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import (IGNORE_INDEX, LLaVADataset, StreamSampler, collate, decode_image, filter_entries, first_answer,
+from data import (IGNORE_INDEX, SKIPPED_WHEN_LOADED, LLaVADataset, StreamSampler, collate, decode_image, filter_entries, first_answer,
                   first_question, ignore_sigint_in_worker, load_llava_json, open_image_source, split_entries)
 from model import ModelConfig, TinyVLM, autocast, find_model_folder, pick_attention, pick_device, pick_dtype
 
@@ -126,9 +127,13 @@ def resolve_config(overrides: dict) -> VLMConfig:
             raise FileNotFoundError(f"the stage-2 demo starts from the stage-1 demo's run, {init_from}: "
                                     "run `uv run main.py --demo` first")
         with open(os.path.join(find_model_folder(init_from), "config.json")) as f:
-            values.update(json.load(f))  # the architecture is the checkpoint's
+            values.update(json.load(f))  # the architecture and prompt format are the checkpoint's
     if overrides.get("resume"):
-        values.update(load_training_state(overrides["resume"])["config"])
+        folder = checkpoint_folder(overrides["resume"])
+        if folder is None:
+            raise FileNotFoundError(f"no checkpoint to resume in {overrides['resume']}")
+        with open(os.path.join(folder, "training_config.json")) as f:
+            values.update(json.load(f))
     values.update(overrides)
     return VLMConfig(**{k: v for k, v in values.items() if k in VLMConfig.__dataclass_fields__})
 
@@ -158,15 +163,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def average_gradients(parameters: list, world_size: int, bucket_size: int = 2**25) -> None:
-    """Sum the trainable gradients across processes in one flat all-reduce, once per optimizer step.
+def all_reduce_gradients(parameters: list, bucket_size: int = 2**25) -> None:
+    """Sum the trainable gradients across processes, in flat buckets, once per optimizer step.
 
     Done by hand rather than by DistributedDataParallel: the projector sits at the input, so its gradient
     is complete only at the very end of backward and DDP's overlap would buy nothing, and this way a
     process may hold a micro-batch without images, or with no sample left after skipping, without the
     other processes waiting forever for a gradient it never computes. The loss is already divided by the
     global number of target tokens, so a sum (not a mean) is the right reduction."""
-    if world_size == 1:
+    if not dist.is_initialized():
         return
     buckets, size = [[]], 0
     for p in parameters:  # buckets of about bucket_size elements: few collectives, bounded extra memory
@@ -226,9 +231,17 @@ def load_training_state(run_dir: str) -> dict:
 class Logger:
     """Metrics to the console, to <run>/metrics.jsonl and to W&B, from rank 0 only."""
 
-    def __init__(self, cfg: VLMConfig, run_dir: str, enabled: bool, wandb_id: str | None):
+    def __init__(self, cfg: VLMConfig, run_dir: str, enabled: bool, wandb_id: str | None,
+                 resumed_at: int | None = None):
         self.enabled, self.run = enabled, None
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        if enabled and resumed_at is not None:  # forget what was logged after the checkpoint: it is redone
+            for path in (self.path, os.path.join(run_dir, "samples.jsonl")):
+                if os.path.exists(path):
+                    with open(path) as f:
+                        kept = [line for line in f if json.loads(line)["step"] <= resumed_at]
+                    with open(path, "w") as f:
+                        f.writelines(kept)
         if enabled and cfg.wandb_mode != "disabled":
             import wandb
 
@@ -288,7 +301,8 @@ def load_data(cfg: VLMConfig, processor, log) -> tuple[LLaVADataset, LLaVADatase
         train, val = split_entries(entries, cfg.val_size, cfg.seed)
     if not train:
         raise ValueError(f"{cfg.data_path}: no usable entries ({dict(skipped)})")
-    return LLaVADataset(train, images, processor), LLaVADataset(val, images, processor), skipped
+    return (LLaVADataset(train, images, processor, cfg.max_length), LLaVADataset(val, images, processor, cfg.max_length),
+            skipped)
 
 
 def move(batch: dict, device: torch.device) -> dict:
@@ -305,12 +319,13 @@ def count_targets(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def forward_backward(model, micro_batches: list, device, dtype, scaler, world_size: int = 1):
+def forward_backward(model, micro_batches: list, device, dtype, scaler):
     """Accumulate the gradients of one optimizer step over its micro-batches (on every process).
 
     Each micro-batch's summed loss is divided by the number of target tokens in the whole step, across
     all micro-batches and processes, so every target token weighs the same: 4 micro-batches of 2 give the
-    gradient of one batch of 8. Returns (mean loss per target token, tokens, samples), all global."""
+    gradient of one batch of 8, and the sum of the processes' gradients (all_reduce_gradients) is the
+    gradient of the global batch. Returns (mean loss per target token, tokens, samples), all global."""
     counts = torch.tensor([sum(count_targets(b) for b in micro_batches),
                            sum(int(b["attention_mask"].sum()) for b in micro_batches),
                            sum(len(b["input_ids"]) for b in micro_batches)], dtype=torch.float64)
@@ -323,7 +338,7 @@ def forward_backward(model, micro_batches: list, device, dtype, scaler, world_si
             continue
         with autocast(device, dtype):
             batch_loss = model(**move(batch, device))
-        scaler.scale(batch_loss * world_size / max(num_targets, 1)).backward()
+        scaler.scale(batch_loss / max(num_targets, 1)).backward()
         loss_sum += batch_loss.detach()
     return all_reduce_sum(loss_sum) / max(num_targets, 1), num_tokens, num_samples
 
@@ -376,13 +391,14 @@ def build_model(cfg: VLMConfig, device: torch.device, dtype: torch.dtype) -> Tin
     With init_from, the weights it holds are loaded; otherwise the projector starts from cfg.seed."""
     torch.manual_seed(cfg.seed)  # the projector's initial weights
     frozen_dtype = dtype if dtype != torch.float16 else torch.float32  # fp16 weights would need loss scaling
+    lm_dtype = torch.float32 if cfg.stage == "finetune" else frozen_dtype
     attention = pick_attention(cfg.attn_implementation, device)
     if cfg.init_from:
-        model = TinyVLM.from_pretrained(find_model_folder(cfg.init_from), frozen_dtype, attention)
+        model = TinyVLM.from_pretrained(find_model_folder(cfg.init_from), frozen_dtype, attention, lm_dtype)
     else:
-        model = TinyVLM.from_config(model_config(cfg), frozen_dtype, attn_implementation=attention)
+        model = TinyVLM.from_config(model_config(cfg), frozen_dtype, None, attention, lm_dtype)
     if cfg.stage == "finetune":
-        model.lm.float().requires_grad_(True)
+        model.lm.requires_grad_(True)
         if cfg.gradient_checkpointing:
             model.checkpoint_language_model()
     elif cfg.stage != "pretrain":
@@ -395,7 +411,8 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
     """The training loop. Returns the run folder."""
     is_main = rank == 0
     log = (lambda text: tqdm.write(text)) if is_main else (lambda text: None)
-    run_dir = cfg.resume or os.path.join(cfg.out_dir, cfg.run_name or time.strftime("stage1-%Y%m%d-%H%M%S"))
+    default_name = ("stage1" if cfg.stage == "pretrain" else "stage2") + time.strftime("-%Y%m%d-%H%M%S")
+    run_dir = cfg.resume or os.path.join(cfg.out_dir, cfg.run_name or default_name)
     if not cfg.resume and checkpoint_folder(run_dir):
         raise FileExistsError(f"{run_dir} already holds a checkpoint: pass --resume {run_dir} to continue it, "
                               "or choose another --run_name")
@@ -403,7 +420,8 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
         os.makedirs(run_dir, exist_ok=True)
         log("config:\n" + json.dumps(asdict(cfg), indent=2))
 
-    train_set, val_set, skipped = load_data(cfg, model.processor, log)
+    train_set, val_set, skipped_entries = load_data(cfg, model.processor, log)
+    skipped_samples = torch.zeros(len(SKIPPED_WHEN_LOADED), dtype=torch.float64)  # this process's, by reason
     global_batch = cfg.batch_size * cfg.grad_accum_steps * world_size
     max_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * len(train_set) / global_batch)
     decay_steps = cfg.lr_decay_steps if cfg.lr_decay_steps > 0 else max_steps
@@ -424,7 +442,7 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
         scaler.load_state_dict(state["scaler"])
         step, position, best_val_loss = state["step"], state["position"], state["best_val_loss"]
         wandb_id = state["wandb_id"] or None
-        skipped.update(state["skipped"])
+        skipped_samples = state["skipped_samples"] if rank == 0 else skipped_samples  # the others' are in it
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and len(state["rng_cuda"]):
             torch.cuda.set_rng_state(state["rng_cuda"])
@@ -439,22 +457,28 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
     val_indices = list(range(rank, len(val_set), world_size))
     val_loader = DataLoader(torch.utils.data.Subset(val_set, val_indices), batch_size=cfg.batch_size,
                             **loader_options)
-    logger = Logger(cfg, run_dir, is_main, wandb_id)
+    logger = Logger(cfg, run_dir, is_main, wandb_id, resumed_at=step if cfg.resume else None)
     sample_entries, sample_images = readable_images(val_set, cfg.num_sample_images) if is_main else ([], [])
 
     def log_samples() -> None:
         if sample_entries:
+            model.eval()
             logger.log_samples(caption_samples(model, sample_entries, sample_images, device, dtype),
                                sample_images, step)
             model.train()
+
+    saved_at = None  # the step of the last checkpoint
 
     def save_model(folder: str) -> None:
         model.save_pretrained(folder, save_language_model=cfg.stage == "finetune")
 
     def save_checkpoint() -> None:
+        nonlocal saved_at
+        saved_at = step
         state = {
-            "step": step, "position": position, "best_val_loss": best_val_loss, "config": asdict(cfg),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "skipped": dict(skipped),
+            "step": step, "position": position, "best_val_loss": best_val_loss,
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "skipped_samples": all_reduce_sum(skipped_samples.to(device)).cpu(),
             "rng_cpu": torch.get_rng_state(), "wandb_id": logger.wandb_id or "",
             "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else torch.tensor([]),
         }
@@ -462,6 +486,8 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
         def write(folder):
             save_model(folder)
             torch.save(state, os.path.join(folder, "training_state.pt"))
+            with open(os.path.join(folder, "training_config.json"), "w") as f:
+                json.dump(asdict(cfg), f, indent=2)
 
         if is_main:
             save_atomically(os.path.join(run_dir, "checkpoint"), write)
@@ -486,10 +512,10 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
             micro_batches = [next(batches) for _ in range(cfg.grad_accum_steps)]
             position += global_batch
             for batch in micro_batches:
-                skipped.update(batch["skipped"])
-            train_loss, num_tokens, num_samples = forward_backward(model, micro_batches, device, dtype, scaler,
-                                                                   world_size)
-            average_gradients(parameters, world_size)
+                for reason, count in batch["skipped"].items():
+                    skipped_samples[SKIPPED_WHEN_LOADED.index(reason)] += count
+            train_loss, num_tokens, num_samples = forward_backward(model, micro_batches, device, dtype, scaler)
+            all_reduce_gradients(parameters)
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip)
             scaler.step(optimizer)
@@ -507,7 +533,9 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
                            **({"train/lm_lr": cfg.lm_lr * factor} if cfg.stage == "finetune" else {}),
                            "train/samples_per_s": interval_samples / seconds,
                            "train/tokens_per_s": interval_tokens / seconds,
-                           **{f"data/skipped {reason}": n for reason, n in skipped.items()}}
+                           **{f"data/skipped {reason}": n for reason, n in skipped_entries.items()},
+                           **{f"data/skipped {reason}": n for reason, n in
+                              zip(SKIPPED_WHEN_LOADED, all_reduce_sum(skipped_samples.to(device)).tolist()) if n}}
                 logger.log(metrics, step)
                 progress.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}",
                                      samples_per_s=f"{interval_samples / seconds:.1f}")
@@ -526,8 +554,9 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
                 save_checkpoint()
             stopping = all_reduce_sum(torch.tensor([len(stop_signal)], device=device)).item() > 0
             if stopping and step < max_steps:
-                log(f"stop requested: saving a checkpoint at step {step}; resume with --resume {run_dir}")
-                save_checkpoint()
+                log(f"stop requested: checkpoint at step {step}; resume with --resume {run_dir}")
+                if saved_at != step:
+                    save_checkpoint()
                 break
     finally:
         progress.close()

@@ -29,7 +29,6 @@ class ModelConfig:
     pixel_shuffle_factor: int  # r: an r x r block of patches becomes one token of r*r*D dims
     projector_hidden_dim: int
     image_token: str = "<image>"  # placeholder token added to the tokenizer, one per image token
-    max_length: int = 2048  # longest training sample in tokens; longer ones are skipped
     system_prompt: str | None = ""  # the system turn of every prompt; None: the chat template's default
 
 
@@ -127,7 +126,7 @@ class TinyVLM(nn.Module):
             language_model.config.hidden_size,
         )
         self.processor = Processor(tokenizer, image_settings, config.image_token, self.num_image_tokens,
-                                   config.max_length, config.system_prompt)
+                                   config.system_prompt)
         self.image_token_id = self.processor.image_token_id
         # rescaled and normalised on the model's device: images travel as uint8
         self.register_buffer("pixel_mean", torch.tensor(self.processor.image_mean).view(1, 3, 1, 1), False)
@@ -137,28 +136,30 @@ class TinyVLM(nn.Module):
 
     @classmethod
     def from_config(cls, config: ModelConfig, dtype: torch.dtype = torch.float32, language_model_path=None,
-                    attn_implementation: str = "sdpa"):
+                    attn_implementation: str = "sdpa", lm_dtype: torch.dtype | None = None):
         """Load the pretrained encoders named in config (hub ids or local folders) and a fresh projector.
-        dtype is for the encoders' weights; the projector is always kept in float32. attn_implementation is
-        transformers' (sdpa, eager, flash_attention_2; see pick_attention)."""
+        dtype is for the encoders' weights (lm_dtype, if given, for the language model's); the projector is
+        always kept in float32. attn_implementation is transformers' (sdpa, eager, flash_attention_2; see
+        pick_attention)."""
         lm_path = language_model_path or config.language_model
         vision = SiglipVisionModel.from_pretrained(config.vision_model, dtype=dtype,
                                                    attn_implementation=attn_implementation)
         image_settings, _ = ImageProcessingMixin.get_image_processor_dict(config.vision_model)
-        language_model = AutoModelForCausalLM.from_pretrained(lm_path, dtype=dtype,
+        language_model = AutoModelForCausalLM.from_pretrained(lm_path, dtype=lm_dtype or dtype,
                                                               attn_implementation=attn_implementation)
         tokenizer = AutoTokenizer.from_pretrained(lm_path)
         return cls(config, vision, language_model, tokenizer, image_settings)
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32,
-                        attn_implementation: str = "sdpa") -> "TinyVLM":
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+                        lm_dtype: torch.dtype | None = None) -> "TinyVLM":
         """A model saved by save_pretrained: the encoders it names, its projector and, after stage 2, its
         finetuned language model (stored in the folder's language_model/)."""
         with open(os.path.join(path, "config.json")) as f:
             config = ModelConfig(**json.load(f))
         lm_folder = os.path.join(path, "language_model")
-        model = cls.from_config(config, dtype, lm_folder if os.path.isdir(lm_folder) else None, attn_implementation)
+        model = cls.from_config(config, dtype, lm_folder if os.path.isdir(lm_folder) else None, attn_implementation,
+                                lm_dtype)
         model.projector.load_state_dict(load_file(os.path.join(path, "projector.safetensors")))
         return model
 
@@ -179,6 +180,8 @@ class TinyVLM(nn.Module):
         the language model too when the folder has one."""
         self.projector.load_state_dict(load_file(os.path.join(path, "projector.safetensors")))
         lm_file = os.path.join(path, "language_model", "model.safetensors")
+        if os.path.isdir(os.path.dirname(lm_file)) and not os.path.isfile(lm_file):
+            raise FileNotFoundError(f"{lm_file} not found (a sharded save? TinyVLM writes one file)")
         if os.path.isfile(lm_file):
             weights = load_file(lm_file, device=str(self.pixel_mean.device))
             missing, unexpected = self.lm.load_state_dict(weights, strict=False)

@@ -179,10 +179,11 @@ def test_bad_images_are_skipped_and_counted(processor, tmp_path):
 
 
 def test_an_over_long_sample_is_skipped(tokenizer, shapes_data):
-    processor = Processor(tokenizer, demo.SIGLIP_PREPROCESSING, "<image>", 49, max_length=100)
+    processor = Processor(tokenizer, demo.SIGLIP_PREPROCESSING, "<image>", 49)
     entries = [{"id": "long", "image": "shape_000000.jpg",
                 "conversations": llava_turns("<image>\nDescribe.", "a very long caption " * 20)}]
-    assert LLaVADataset(entries, ImageZip(f"{shapes_data}/images.zip"), processor)[0] == {"skipped": "too long"}
+    dataset = LLaVADataset(entries, ImageZip(f"{shapes_data}/images.zip"), processor, max_length=100)
+    assert dataset[0] == {"skipped": "too long"}
 
 
 @pytest.mark.parametrize("entry, reason", [
@@ -193,6 +194,12 @@ def test_an_over_long_sample_is_skipped(tokenizer, shapes_data):
     ({"id": "e", "conversations": llava_turns("Say hi.")}, "no image"),
     ({"id": "f", "image": "f.jpg", "conversations": [{"from": "human", "value": "<image>"}]}, "no assistant turn"),
     ({"id": "g", "image": "g.jpg", "conversations": [{"from": "robot", "value": "<image>"}]}, "unknown role"),
+    ({"id": "i", "image": "i.jpg", "conversations": [{"from": "gpt", "value": "Hi."},
+                                                      {"from": "human", "value": "<image>"},
+                                                      {"from": "gpt", "value": "A cat."}]},
+     "does not start with a human turn"),
+    ({"id": "j", "image": "j.jpg", "conversations": [{"from": "gpt", "value": "<image> A cat."}]},
+     "does not start with a human turn"),
     ({"id": "h", "image": "h.jpg"}, "malformed entry"),
     ("not a dict", "malformed entry"),
 ])

@@ -2,10 +2,12 @@
 with another number of processes."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -50,9 +52,12 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_config):
     one = single_process(dataclasses.replace(cfg, run_name="one", batch_size=4))
     two = torchrun(dataclasses.replace(cfg, run_name="two", batch_size=2), processes=2)
     assert_same_updates(initial_weights(cfg), projector(one), projector(two))
-    assert not os.path.exists(os.path.join(cfg.out_dir, "two", "wandb"))  # disabled; and only rank 0 writes
-    with open(os.path.join(two, "metrics.jsonl")) as f:
-        assert len(f.readlines()) == 4  # 3 train lines + 1 val line: one process logged
+    logged = {run: [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))] for run in (one, two)}
+    assert len(logged[two]) == 4  # 3 train lines + 1 val line: one process logged
+    # the first step starts from the same weights: same loss and the same gradient, not N times it
+    for key in ("train/loss", "train/grad_norm"):
+        assert logged[two][0][key] == pytest.approx(logged[one][0][key], rel=1e-4), key
+    assert logged[two][-1]["val/loss"] == pytest.approx(logged[one][-1]["val/loss"], rel=1e-3)
 
 
 def test_a_two_process_run_resumes_in_one_process(tiny_config):

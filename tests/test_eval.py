@@ -32,7 +32,8 @@ def task_args(**paths) -> argparse.Namespace:
 @pytest.mark.parametrize("text, letter", [
     ("B", "B"), ("(B)", "B"), ("B. cat", "B"), ("B: cat", "B"), ("B)", "B"), ("The answer is B", "B"),
     ("The answer is B.", "B"), ("Answer: (C)", "C"), ("I choose (D) because it is red", "D"),
-    ("It is probably C", "C"), ("cat", None), ("", None), ("A or B", None)])
+    ("It is probably C", "C"), ("cat", None), ("", None), ("A or B", None), ("A dog on a bench.", None),
+    ("I would say A.", "A")])
 def test_option_letters_are_extracted(text, letter):
     assert extract_choice(text) == letter
 
@@ -63,6 +64,7 @@ def test_vqa_answers_are_normalised_like_the_official_script():
     assert normalize_vqa_answer("dont know") == "don't know"
     assert normalize_vqa_answer("1,000") == "1000"
     assert normalize_vqa_answer("black/white") == "black white"
+    assert normalize_vqa_answer("yes, sir") == "yes sir"  # ", " in the input: commas vanish, not become spaces
 
 
 def test_vqa_accuracy_by_hand():

@@ -101,6 +101,15 @@ def test_resume_continues_exactly_where_the_run_stopped(tiny_config):
         [m["train/loss"] for m in metrics(resumed) if "train/loss" in m]
 
 
+def test_resume_forgets_what_was_logged_after_the_checkpoint(tiny_config):
+    run_dir = run(dataclasses.replace(tiny_config, max_steps=2, lr_decay_steps=4))
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:  # a step logged, then a crash before saving
+        f.write(json.dumps({"step": 3, "train/loss": -1.0}) + "\n")
+    run(dataclasses.replace(tiny_config, max_steps=4, lr_decay_steps=4, resume=run_dir))
+    steps = [m["step"] for m in metrics(run_dir) if "train/loss" in m]
+    assert steps == [1, 2, 3, 4] and all(m["train/loss"] > 0 for m in metrics(run_dir) if "train/loss" in m)
+
+
 def test_resume_with_data_loader_workers_is_exact(tiny_config):
     cfg = dataclasses.replace(tiny_config, num_workers=2, max_steps=4, lr_decay_steps=4)
     straight = run(dataclasses.replace(cfg, run_name="straight"))
@@ -202,7 +211,12 @@ def test_bad_data_is_skipped_counted_and_logged(tiny_config, shapes_data, tmp_pa
     run_dir = run(dataclasses.replace(tiny_config, data_path=str(tmp_path / "chat.json"), max_steps=6))
     last = [m for m in metrics(run_dir) if "train/loss" in m][-1]
     assert last["data/skipped no <image> marker"] == 1 and last["data/skipped empty caption"] == 1
-    assert last["data/skipped image missing"] >= 1  # 6 steps of 4 cover the 22 kept entries once
+    assert last["data/skipped image missing"] == 1  # 6 steps of 4 cover the 22 kept entries once
+    assert load_training_state(run_dir)["skipped_samples"].tolist() == [1, 0, 0]
+    resumed = run(dataclasses.replace(tiny_config, data_path=str(tmp_path / "chat.json"), max_steps=7,
+                                      resume=run_dir))
+    last = [m for m in metrics(resumed) if "train/loss" in m][-1]
+    assert last["data/skipped no <image> marker"] == 1  # counted once, not again on resume
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_config):
