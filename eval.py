@@ -204,14 +204,19 @@ def seeded_subset(rows: list, limit: int | None, seed: int) -> list:
     return [rows[i] for i in sorted(order[:limit])]
 
 
+def benchmark_rows(source: str, split: str, args):
+    """A benchmark's rows (images decoded only when a job asks), its text columns, and the row numbers of
+    the fixed --limit subset."""
+    rows = load_rows(source, split)
+    return rows, rows.remove_columns("image"), seeded_subset(list(range(len(rows))), args.limit, args.seed)
+
+
 def image_column_loader(rows):
     return lambda job: to_image(rows[job["row"]]["image"])
 
 
 def mmstar_task(args):
-    rows = load_rows(args.mmstar, "val")
-    table = rows.remove_columns("image")
-    chosen = seeded_subset(list(range(len(rows))), args.limit, args.seed)  # MMStar is sorted by category
+    rows, table, chosen = benchmark_rows(args.mmstar, "val", args)  # seeded: MMStar is sorted by category
     jobs = [{"id": table[i]["index"], "row": i, "prompt": table[i]["question"] + MULTIPLE_CHOICE_SUFFIX,
              "truth": table[i]["answer"], "category": table[i]["category"], "l2_category": table[i]["l2_category"],
              "options": mmstar_options(table[i]["question"])} for i in chosen]
@@ -232,9 +237,7 @@ def mmstar_task(args):
 
 
 def pope_task(args):
-    rows = load_rows(args.pope, "test")
-    table = rows.remove_columns("image")
-    chosen = seeded_subset(list(range(len(rows))), args.limit, args.seed)
+    rows, table, chosen = benchmark_rows(args.pope, "test", args)
     jobs = [{"id": table[i]["question_id"], "row": i, "prompt": table[i]["question"] + SHORT_ANSWER_SUFFIX,
              "truth": table[i]["answer"].strip().lower(), "category": table[i]["category"]} for i in chosen]
 
@@ -251,9 +254,7 @@ def pope_task(args):
 
 
 def vqav2_task(args):
-    rows = load_rows(args.vqav2, "validation")
-    table = rows.remove_columns("image")
-    chosen = seeded_subset(list(range(len(rows))), args.limit, args.seed)
+    rows, table, chosen = benchmark_rows(args.vqav2, "validation", args)
     jobs = [{"id": table[i]["question_id"], "row": i, "prompt": table[i]["question"] + SHORT_ANSWER_SUFFIX,
              "humans": [a["answer"] for a in table[i]["answers"]], "answer_type": table[i]["answer_type"]}
             for i in chosen]

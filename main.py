@@ -26,8 +26,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import (IGNORE_INDEX, SKIPPED_WHEN_LOADED, LLaVADataset, StreamSampler, collate, decode_image, filter_entries, first_answer,
-                  first_question, ignore_sigint_in_worker, load_llava_json, open_image_source, split_entries)
+from data import (IGNORE_INDEX, SKIPPED_WHEN_LOADED, LLaVADataset, StreamSampler, collate, decode_image,
+                  filter_entries, first_answer, first_question, ignore_sigint_in_worker, load_llava_json,
+                  open_image_source, split_entries)
 from model import ModelConfig, TinyVLM, autocast, find_model_folder, pick_attention, pick_device, pick_dtype
 
 
@@ -301,8 +302,8 @@ def load_data(cfg: VLMConfig, processor, log) -> tuple[LLaVADataset, LLaVADatase
         train, val = split_entries(entries, cfg.val_size, cfg.seed)
     if not train:
         raise ValueError(f"{cfg.data_path}: no usable entries ({dict(skipped)})")
-    return (LLaVADataset(train, images, processor, cfg.max_length), LLaVADataset(val, images, processor, cfg.max_length),
-            skipped)
+    datasets = [LLaVADataset(entries, images, processor, cfg.max_length) for entries in (train, val)]
+    return datasets[0], datasets[1], skipped
 
 
 def move(batch: dict, device: torch.device) -> dict:

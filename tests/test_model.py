@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, Sigl
 
 from data import IGNORE_INDEX, collate, to_messages
 from main import VLMConfig
-from model import Projector, TinyVLM, pixel_shuffle
+from model import Projector, TinyVLM, autocast, pixel_shuffle
 
 
 def test_pixel_shuffle_tokens_are_2x2_spatial_blocks():
@@ -144,3 +144,26 @@ def test_vision_feature_layer_picks_that_hidden_state_and_drops_later_layers(tin
             features = full(pixel_values=(pixels.float() / 255 - 0.5) / 0.5, output_hidden_states=True)
             expected = model.projector(pixel_shuffle(features.hidden_states[layer], 2))
             torch.testing.assert_close(model.encode_images(pixels), expected)
+
+
+def test_speed_switches_keep_the_loss(tiny_config):
+    """bench.py's variants must compute the same loss: frozen weights in bf16 (within bf16 rounding) and
+    eager or sdpa attention (within float rounding). Target-only logits: see the full-logits test above."""
+    import dataclasses
+
+    from main import build_model
+
+    def loss_of(cfg, dtype):
+        model = build_model(cfg, torch.device("cpu"), dtype)
+        batch = image_batch(model, num_samples_with_images=3)
+        with torch.no_grad(), autocast(torch.device("cpu"), dtype):
+            return model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixels"]).item()
+
+    torch.manual_seed(0)
+    eager = loss_of(dataclasses.replace(tiny_config, attn_implementation="eager"), torch.float32)
+    torch.manual_seed(0)
+    sdpa = loss_of(dataclasses.replace(tiny_config, attn_implementation="sdpa"), torch.float32)
+    torch.manual_seed(0)
+    bf16 = loss_of(tiny_config, torch.bfloat16)
+    assert sdpa == pytest.approx(eager, rel=1e-5)
+    assert bf16 == pytest.approx(eager, rel=2e-2) and bf16 != eager
