@@ -440,6 +440,8 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
         state = load_training_state(run_dir)
         model.load_weights(checkpoint_folder(run_dir))
         optimizer.load_state_dict(state["optimizer"])
+        for group, saved in zip(optimizer.param_groups, groups):
+            group["base_lr"] = saved["base_lr"]  # the learning rates of this config, not the saved ones
         scaler.load_state_dict(state["scaler"])
         step, position, best_val_loss = state["step"], state["position"], state["best_val_loss"]
         wandb_id = state["wandb_id"] or None
