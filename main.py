@@ -14,6 +14,7 @@ import shutil
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 
@@ -22,6 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizer threads fi
 import torch
 import torch.distributed as dist
 import transformers
+from torch.nn.parallel import DistributedDataParallel
 from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -164,30 +166,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_gradients(parameters: list, bucket_size: int = 2**25) -> None:
-    """Sum the trainable gradients across processes, in flat buckets, once per optimizer step.
-
-    Done by hand rather than by DistributedDataParallel: the projector sits at the input, so its gradient
-    is complete only at the very end of backward and DDP's overlap would buy nothing, and this way a
-    process may hold a micro-batch without images, or with no sample left after skipping, without the
-    other processes waiting forever for a gradient it never computes. The loss is already divided by the
-    global number of target tokens, so a sum (not a mean) is the right reduction."""
-    if not dist.is_initialized():
-        return
-    buckets, size = [[]], 0
-    for p in parameters:  # buckets of about bucket_size elements: few collectives, bounded extra memory
-        if size >= bucket_size:
-            buckets, size = buckets + [[]], 0
-        buckets[-1].append(p)
-        size += p.numel()
-    for bucket in buckets:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
-        flat = torch.cat([g.flatten() for g in grads])
-        dist.all_reduce(flat)
-        for p, g in zip(bucket, torch.split(flat, [g.numel() for g in grads])):
-            p.grad = g.view_as(p)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Schedule, checkpoints, logs
 
@@ -320,26 +298,43 @@ def count_targets(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def forward_backward(model, micro_batches: list, device, dtype, scaler):
-    """Accumulate the gradients of one optimizer step over its micro-batches (on every process).
+def idle_batch(model: TinyVLM) -> dict:
+    """One sample with an image and no target: the forward and backward a process runs when every sample of
+    its micro-batches was skipped, so that DistributedDataParallel's all-reduce still gets its gradients
+    (zeros) from it and the other processes do not wait forever."""
+    processor = model.processor
+    input_ids = [processor.image_token_id] * model.num_image_tokens + [processor.end_of_turn_id]
+    pixels = torch.zeros((3, *processor.image_size), dtype=torch.uint8)
+    return collate([{"input_ids": input_ids, "labels": [IGNORE_INDEX] * len(input_ids), "pixels": pixels}],
+                   processor.tokenizer.pad_token_id)
+
+
+def forward_backward(trainer, micro_batches: list, device, dtype, scaler, world_size: int = 1):
+    """Accumulate the gradients of one optimizer step over its micro-batches, on every process; `trainer`
+    is the model, or the model in DistributedDataParallel, which averages the gradients across processes
+    in the last micro-batch's backward pass (no_sync before it).
 
     Each micro-batch's summed loss is divided by the number of target tokens in the whole step, across
-    all micro-batches and processes, so every target token weighs the same: 4 micro-batches of 2 give the
-    gradient of one batch of 8, and the sum of the processes' gradients (all_reduce_gradients) is the
-    gradient of the global batch. Returns (mean loss per target token, tokens, samples), all global."""
+    all micro-batches and processes, and multiplied by world_size to undo DDP's average, so every target
+    token weighs the same: 4 micro-batches of 2 give the gradient of one batch of 8, and N processes the
+    gradient of their global batch. Returns (mean loss per target token, tokens, samples), all global."""
     counts = torch.tensor([sum(count_targets(b) for b in micro_batches),
                            sum(int(b["attention_mask"].sum()) for b in micro_batches),
                            sum(len(b["input_ids"]) for b in micro_batches)], dtype=torch.float64)
     if dist.is_initialized():
         counts = all_reduce_sum(counts.to(device)).cpu()
     num_targets, num_tokens, num_samples = counts.tolist()
+    model = trainer.module if isinstance(trainer, DistributedDataParallel) else trainer
+    batches = [b for b in micro_batches if b["input_ids"].numel()]  # drop those whose samples were all skipped
+    if not batches and isinstance(trainer, DistributedDataParallel):
+        batches = [idle_batch(model)]
     loss_sum = torch.zeros((), device=device)
-    for batch in micro_batches:
-        if batch["input_ids"].numel() == 0:  # every sample of it was skipped
-            continue
-        with autocast(device, dtype):
-            batch_loss = model(**move(batch, device))
-        scaler.scale(batch_loss / max(num_targets, 1)).backward()
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        with nullcontext() if last or trainer is model else trainer.no_sync():
+            with autocast(device, dtype):
+                batch_loss = trainer(**move(batch, device))
+            scaler.scale(batch_loss * world_size / max(num_targets, 1)).backward()
         loss_sum += batch_loss.detach()
     return all_reduce_sum(loss_sum) / max(num_targets, 1), num_tokens, num_samples
 
@@ -460,6 +455,11 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
     val_indices = list(range(rank, len(val_set), world_size))
     val_loader = DataLoader(torch.utils.data.Subset(val_set, val_indices), batch_size=cfg.batch_size,
                             **loader_options)
+    trainer = model
+    if dist.is_initialized():  # DDP syncs only the parameters that train; in stage 2 a text-only micro-batch
+        # leaves the projector unused on that process, hence find_unused_parameters
+        trainer = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=cfg.stage == "finetune", broadcast_buffers=False)
     logger = Logger(cfg, run_dir, is_main, wandb_id, resumed_at=step if cfg.resume else None)
     sample_entries, sample_images = readable_images(val_set, cfg.num_sample_images) if is_main else ([], [])
 
@@ -481,7 +481,7 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
         state = {
             "step": step, "position": position, "best_val_loss": best_val_loss,
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "skipped_samples": all_reduce_sum(skipped_samples.to(device)).cpu(),
+            "skipped_samples": all_reduce_sum(skipped_samples.to(device, copy=True)).cpu(),
             "rng_cpu": torch.get_rng_state(), "wandb_id": logger.wandb_id or "",
             "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else torch.tensor([]),
         }
@@ -517,8 +517,8 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
             for batch in micro_batches:
                 for reason, count in batch["skipped"].items():
                     skipped_samples[SKIPPED_WHEN_LOADED.index(reason)] += count
-            train_loss, num_tokens, num_samples = forward_backward(model, micro_batches, device, dtype, scaler)
-            all_reduce_gradients(parameters)
+            train_loss, num_tokens, num_samples = forward_backward(trainer, micro_batches, device, dtype, scaler,
+                                                                   world_size)
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip)
             scaler.step(optimizer)
@@ -532,13 +532,14 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
             if step % cfg.log_every == 0 or step == max_steps:
                 train_loss = train_loss.item()
                 seconds = time.perf_counter() - interval_start
+                skipped_loading = all_reduce_sum(skipped_samples.to(device, copy=True)).tolist()  # all processes
                 metrics = {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm.item(),
                            **({"train/lm_lr": cfg.lm_lr * factor} if cfg.stage == "finetune" else {}),
                            "train/samples_per_s": interval_samples / seconds,
                            "train/tokens_per_s": interval_tokens / seconds,
                            **{f"data/skipped {reason}": n for reason, n in skipped_entries.items()},
-                           **{f"data/skipped {reason}": n for reason, n in
-                              zip(SKIPPED_WHEN_LOADED, all_reduce_sum(skipped_samples.to(device)).tolist()) if n}}
+                           **{f"data/skipped {reason}": n for reason, n in zip(SKIPPED_WHEN_LOADED, skipped_loading)
+                              if n}}
                 logger.log(metrics, step)
                 progress.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}",
                                      samples_per_s=f"{interval_samples / seconds:.1f}")

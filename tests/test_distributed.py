@@ -1,5 +1,5 @@
-"""torchrun: two CPU processes (gloo) train like one process with the same global batch, and a run resumes
-with another number of processes."""
+"""torchrun: two CPU processes (gloo, DistributedDataParallel) train like one process with the same global
+batch, survive a process with nothing to train on, and a run resumes with another number of processes."""
 
 import dataclasses
 import json
@@ -58,6 +58,21 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_config):
     for key in ("train/loss", "train/grad_norm"):
         assert logged[two][0][key] == pytest.approx(logged[one][0][key], rel=1e-4), key
     assert logged[two][-1]["val/loss"] == pytest.approx(logged[one][-1]["val/loss"], rel=1e-3)
+
+
+def test_a_process_whose_samples_were_all_skipped_does_not_hang_the_others(tiny_config, tmp_path):
+    """Batch 1 per process and two entries whose image is missing: in some steps a process has nothing left
+    to train on and runs an idle forward and backward instead, so the all-reduce completes."""
+    entries = json.load(open(tiny_config.data_path))[:4]
+    entries += [dict(entries[0], id="gone1", image="gone1.jpg"), dict(entries[1], id="gone2", image="gone2.jpg")]
+    (tmp_path / "holes.json").write_text(json.dumps(entries))
+    cfg = dataclasses.replace(tiny_config, data_path=str(tmp_path / "holes.json"), max_steps=3, eval_every=3,
+                              save_every=3, sample_every=0)
+    one = single_process(dataclasses.replace(cfg, run_name="one", batch_size=2))
+    two = torchrun(dataclasses.replace(cfg, run_name="two", batch_size=1), processes=2)
+    assert_same_updates(initial_weights(cfg), projector(one), projector(two))
+    logged = [json.loads(line) for line in open(os.path.join(two, "metrics.jsonl"))]
+    assert logged[-2]["data/skipped image missing"] == 2  # summed over the two processes
 
 
 def test_a_two_process_run_resumes_in_one_process(tiny_config):
