@@ -339,12 +339,7 @@ def bench_data(args, tokenizer) -> list[dict]:
 def generate_without_cache(model: TinyVLM, images: list, prompt: str, new_tokens: int) -> list[str]:
     """Greedy decoding that runs the whole sequence through the LM for every new token: the cost the KV cache
     saves. (transformers' generate() ignores use_cache=False when it starts from inputs_embeds.)"""
-    processor, device = model.processor, model.pixel_mean.device
-    samples = [{"input_ids": processor.encode_prompt(processor.prompt_messages(prompt)), "labels": [],
-                "pixels": processor.image_to_pixels(image)} for image in images]
-    for sample in samples:
-        sample["labels"] = [IGNORE_INDEX] * len(sample["input_ids"])
-    batch = to_device(collate(samples, processor.tokenizer.pad_token_id, padding_side="left"), device)
+    batch = model.prompt_batch(images, prompt)
     embeds, mask = model.embed(batch["input_ids"], batch["pixels"]), batch["attention_mask"]
     generated = []
     for _ in range(new_tokens):
@@ -355,7 +350,7 @@ def generate_without_cache(model: TinyVLM, images: list, prompt: str, new_tokens
         embeds = torch.cat([embeds, model.lm.get_input_embeddings()(next_token)[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     tokens = torch.stack(generated, dim=1)  # (B, new_tokens)
-    return [t.strip() for t in processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+    return [t.strip() for t in model.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
 
 def bench_generate(args, tokenizer, device, dtype) -> list[dict]:

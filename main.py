@@ -132,10 +132,7 @@ def resolve_config(overrides: dict) -> VLMConfig:
         with open(os.path.join(find_model_folder(init_from), "config.json")) as f:
             values.update(json.load(f))  # the architecture and prompt format are the checkpoint's
     if overrides.get("resume"):
-        folder = checkpoint_folder(overrides["resume"])
-        if folder is None:
-            raise FileNotFoundError(f"no checkpoint to resume in {overrides['resume']}")
-        with open(os.path.join(folder, "training_config.json")) as f:
+        with open(os.path.join(resumable_checkpoint(overrides["resume"]), "training_config.json")) as f:
             values.update(json.load(f))
     values.update(overrides)
     return VLMConfig(**{k: v for k, v in values.items() if k in VLMConfig.__dataclass_fields__})
@@ -200,11 +197,15 @@ def checkpoint_folder(run_dir: str) -> str | None:
     return None
 
 
-def load_training_state(run_dir: str) -> dict:
+def resumable_checkpoint(run_dir: str) -> str:
     folder = checkpoint_folder(run_dir)
     if folder is None:
         raise FileNotFoundError(f"no checkpoint to resume in {run_dir} (expected {run_dir}/checkpoint)")
-    return torch.load(os.path.join(folder, "training_state.pt"), weights_only=True)
+    return folder
+
+
+def load_training_state(run_dir: str) -> dict:
+    return torch.load(os.path.join(resumable_checkpoint(run_dir), "training_state.pt"), weights_only=True)
 
 
 class Logger:

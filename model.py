@@ -243,13 +243,9 @@ class TinyVLM(nn.Module):
 
     # -- inference -----------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def generate(self, images: list, prompts, max_new_tokens: int = 64, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, **generate_options) -> list[str]:
-        """One answer per image: `images` are PIL images (None for a text-only prompt), `prompts` one string
-        for all or one per image. Prompts are built exactly as in training (Processor) and left-padded; the
-        LM's generate() decodes with its KV cache and stops at the end-of-turn token. generate_options go
-        to transformers' generate() as they are (use_cache, min_new_tokens, repetition_penalty, ...)."""
+    def prompt_batch(self, images: list, prompts) -> dict:
+        """Left-padded generation prompts, built exactly as in training (Processor), on this model's device:
+        `images` are PIL images (None for a text-only prompt), `prompts` one string for all or one per image."""
         prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
         if len(prompts) != len(images):
             raise ValueError(f"got {len(images)} images and {len(prompts)} prompts")
@@ -258,13 +254,22 @@ class TinyVLM(nn.Module):
             input_ids = self.processor.encode_prompt(self.processor.prompt_messages(prompt, image is not None))
             pixels = None if image is None else self.processor.image_to_pixels(image)
             samples.append({"input_ids": input_ids, "labels": [IGNORE_INDEX] * len(input_ids), "pixels": pixels})
-        tokenizer = self.processor.tokenizer
-        batch = collate(samples, tokenizer.pad_token_id, padding_side="left")
+        batch = collate(samples, self.processor.tokenizer.pad_token_id, padding_side="left")
         device = self.pixel_mean.device
-        pixels = None if batch["pixels"] is None else batch["pixels"].to(device)
-        embeds = self.embed(batch["input_ids"].to(device), pixels)  # (B, T, H)
+        return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
+                "pixels": None if batch["pixels"] is None else batch["pixels"].to(device)}
+
+    @torch.no_grad()
+    def generate(self, images: list, prompts, max_new_tokens: int = 64, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, **generate_options) -> list[str]:
+        """One answer per image (see prompt_batch). The LM's generate() decodes with its KV cache and stops at
+        the end-of-turn token. generate_options go to transformers' generate() as they are (min_new_tokens,
+        repetition_penalty, ...)."""
+        batch = self.prompt_batch(images, prompts)
+        tokenizer = self.processor.tokenizer
+        embeds = self.embed(batch["input_ids"], batch["pixels"])  # (B, T, H)
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
-        output = self.lm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device),
+        output = self.lm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                                   max_new_tokens=max_new_tokens, eos_token_id=self.processor.end_of_turn_id,
                                   pad_token_id=tokenizer.pad_token_id, **sampling, **generate_options)
         # output: (B, new tokens); with inputs_embeds and no input_ids, generate() returns only new tokens
