@@ -1,20 +1,29 @@
 """Measure TinyVLM's speed on this machine: the training step, the data pipeline and generation.
-  python bench.py                          # real sizes (SigLIP-base-224, SmolLM2-135M, default projector)
-  python bench.py --tiny                   # tiny models: checks the script in seconds
+  python bench.py --suite gpu --json results.json   # on a bare GPU machine: correctness, speed, one CC3M epoch
+  python bench.py --suite gpu --tiny                # the same code with tiny models, on a CPU, in a minute or two
+  python bench.py                                   # step variants, stage-2 memory, data, generation (real sizes)
   python bench.py --parts train --batch_size 64 --json bench.json
-Models are built from configs with random weights, so nothing is downloaded (a tokenizer is read from the
-demo's folder, or --tokenizer). Prints a table per part and writes everything to --json.
+Models are built from configs with random weights and the tokenizer is assets/smollm2-tokenizer, so nothing is
+downloaded and only torch, transformers, pillow, safetensors, numpy and tqdm are needed. Prints a table per
+part and writes everything to --json.
 """
 
 import argparse
+import contextlib
 import io
 import json
+import math
 import os
 import platform
 import random
+import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 import zipfile
+from dataclasses import asdict, replace
 
 import torch
 import torch.nn.functional as F
@@ -22,10 +31,9 @@ import transformers
 from PIL import Image, ImageDraw
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-from data import IGNORE_INDEX, LLaVADataset, collate, open_image_source, to_messages
-from demo import INSTRUCTIONS, LANGUAGE_MODEL_DIR, SIGLIP_PREPROCESSING
-from main import VLMConfig
-from model import ModelConfig, TinyVLM, autocast, pick_device
+from data import IGNORE_INDEX, LLaVADataset, collate, decode_image, open_image_source, to_messages
+from main import VLMConfig, build_model, forward_backward, load_training_state, train
+from model import SIGLIP_PREPROCESSING, ModelConfig, TinyVLM, autocast, pick_device
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0)
@@ -36,6 +44,9 @@ TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets (no sparsity), in TFLOP/s, matched on the device name.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
                    "A100": 312.0, "A40": 149.7, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.2}
+TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "smollm2-tokenizer")
+INSTRUCTIONS = ("Describe the image concisely.", "Provide a brief description of the given image.",
+                "Summarize the visual content of the image.")  # three of LLaVA-CC3M's
 CAPTION_WORDS = ("a photo of the old stone bridge over the river in the autumn light with people walking "
                  "across it near a small town").split()
 
@@ -44,7 +55,7 @@ CAPTION_WORDS = ("a photo of the old stone bridge over the river in the autumn l
 # Models and batches
 
 
-def build_model(tiny: bool, weights_dtype: torch.dtype, attention: str, tokenizer, device) -> TinyVLM:
+def random_model(tiny: bool, weights_dtype: torch.dtype, attention: str, tokenizer, device) -> TinyVLM:
     """TinyVLM at the real sizes (or tiny ones) with random weights."""
     torch.manual_seed(0)
     vision = SiglipVisionModel(SiglipVisionConfig(vision_use_head=False, attn_implementation=attention,
@@ -162,7 +173,7 @@ def bench_train(args, tokenizer, device, dtype) -> list[dict]:
     peak, peak_source = peak_tflops(device)
     rows = []
     for name, weights_dtype, loss_kind, attention in variants:
-        model = build_model(args.tiny, weights_dtype, attention, tokenizer, device)
+        model = random_model(args.tiny, weights_dtype, attention, tokenizer, device)
         samples = synthetic_samples(model, args.batch_size)
         batch = collate(samples, tokenizer.pad_token_id)
         tokens = batch["attention_mask"].sum().item() / args.batch_size
@@ -246,7 +257,7 @@ def bench_finetune(args, tokenizer, device, dtype) -> list[dict]:
     without gradient checkpointing: time and peak memory, the whole process's and per sample above idle."""
     rows = []
     for checkpointing in (False, True):
-        model = build_model(args.tiny, dtype, args.attention, tokenizer, device)
+        model = random_model(args.tiny, dtype, args.attention, tokenizer, device)
         model.lm.float().requires_grad_(True)
         if checkpointing:
             model.checkpoint_language_model()
@@ -305,22 +316,24 @@ def cc3m_like_zip(folder: str, count: int, seed: int = 0) -> str:
     return path
 
 
-def bench_data(args, tokenizer) -> list[dict]:
+def bench_data(args, tokenizer, worker_counts=None, repeats: int = 1) -> list[dict]:
     """Images/s of the whole input pipeline (zip read, JPEG decode, RGB, resize, tokenize, collate), by the
-    number of DataLoader workers."""
-    model = build_model(True, torch.float32, "eager", tokenizer, torch.device("cpu"))  # for its Processor
+    number of DataLoader workers. Each of --data_images JPEGs is read `repeats` times (as separate entries)."""
+    model = random_model(True, torch.float32, "eager", tokenizer, torch.device("cpu"))  # for its Processor
     processor = model.processor
+    cpus = os.cpu_count() or 1
+    worker_counts = worker_counts or sorted({0, 1, 2, 4, 8, cpus})
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         zip_path = cc3m_like_zip(folder, args.data_images)
         mean_kb = os.path.getsize(zip_path) / args.data_images / 1024
         turns = [{"from": "human", "value": "<image>\nDescribe the image concisely."},
                  {"from": "gpt", "value": "a photo of the old stone bridge over the river ."}]
-        entries = [{"id": str(i), "image": f"GCC_train_{i:09d}.jpg", "conversations": turns}
-                   for i in range(args.data_images)]
+        entries = [{"id": str(i), "image": f"GCC_train_{i % args.data_images:09d}.jpg", "conversations": turns}
+                   for i in range(args.data_images * repeats)]
         dataset = LLaVADataset(entries, open_image_source(zip_path), processor)
-        for workers in sorted({0, 1, 2, 4, 8, os.cpu_count() or 1}):
-            if workers > (os.cpu_count() or 1):
+        for workers in worker_counts:
+            if workers > cpus:
                 continue
             loader = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=workers,
                                                  collate_fn=lambda s: collate(s, tokenizer.pad_token_id),
@@ -357,7 +370,7 @@ def bench_generate(args, tokenizer, device, dtype) -> list[dict]:
     """Images/s and generated tokens/s of TinyVLM.generate (KV cache) and of decoding without a cache. Every
     sequence generates exactly --new_tokens tokens (min_new_tokens), so random weights time like trained
     ones."""
-    model = build_model(args.tiny, dtype, args.attention, tokenizer, device).eval()
+    model = random_model(args.tiny, dtype, args.attention, tokenizer, device).eval()
     images = [Image.fromarray(torch.randint(0, 256, (224, 224, 3), dtype=torch.uint8).numpy()) for _ in range(16)]
     prompt = "Describe the image concisely."
     rows = []
@@ -380,6 +393,288 @@ def bench_generate(args, tokenizer, device, dtype) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The GPU suite (--suite gpu): does main.py's loop run correctly on this device, how fast is the model step at
+# real sizes, is the data pipeline fast enough to feed it, and what does one CC3M epoch cost
+
+
+def tiny_model_folders(folder: str, tokenizer) -> dict:
+    """A tiny random SigLIP (64 px, 8 px patches, with its preprocessor config) and a tiny random Llama with
+    the real tokenizer, saved as from_pretrained folders: what main.py's loop loads in the checks."""
+    torch.manual_seed(0)
+    vision = SiglipVisionModel(SiglipVisionConfig(vision_use_head=False, image_size=64, patch_size=8, **TINY_VISION))
+    vision.save_pretrained(f"{folder}/vision")
+    with open(f"{folder}/vision/preprocessor_config.json", "w") as f:
+        json.dump(dict(SIGLIP_PREPROCESSING, size={"height": 64, "width": 64}), f)
+    lm = LlamaForCausalLM(LlamaConfig(**dict(TINY_LM, initializer_range=0.5), bos_token_id=tokenizer.bos_token_id,
+                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    lm.save_pretrained(f"{folder}/lm")
+    tokenizer.save_pretrained(f"{folder}/lm")
+    return {"vision_model": f"{folder}/vision", "language_model": f"{folder}/lm"}
+
+
+def llava_caption_set(folder: str, num_train: int, num_val: int, seed: int = 0) -> dict:
+    """chat.json, val.json and images.zip in LLaVA-CC3M-Pretrain-595K's layout, with CC3M-like captions."""
+    rng = random.Random(seed)
+    zip_path = cc3m_like_zip(folder, num_train + num_val, seed)
+    entries = []
+    for i in range(num_train + num_val):
+        caption = " ".join(rng.choice(CAPTION_WORDS) for _ in range(rng.randint(6, 16))) + " ."
+        entries.append({"id": f"GCC_train_{i:09d}", "image": f"GCC_train_{i:09d}.jpg", "conversations": [
+            {"from": "human", "value": f"{rng.choice(INSTRUCTIONS)}\n<image>"}, {"from": "gpt", "value": caption}]})
+    for name, part in (("chat.json", entries[:num_train]), ("val.json", entries[num_train:])):
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(part, f)
+    return {"data_path": f"{folder}/chat.json", "val_data_path": f"{folder}/val.json", "image_root": zip_path}
+
+
+def run_quietly(function, *args):
+    """function(*args) with its console output (the config, progress bars) kept out of the suite's tables."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return function(*args)
+
+
+def train_run(cfg: VLMConfig) -> str:
+    device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
+    return run_quietly(lambda: train(cfg, build_model(cfg, device, dtype), device, dtype))
+
+
+def main_py(cfg: VLMConfig) -> list[str]:
+    """The command line that runs main.py with this config."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "main.py")
+    return [sys.executable, script, *(f"--{k}={v}" for k, v in asdict(cfg).items() if v != "")]
+
+
+def logged_losses(run_dir: str) -> list[float]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [row["train/loss"] for row in map(json.loads, f) if "train/loss" in row]
+
+
+def projector_of(run_dir: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(run_dir, "checkpoint", "projector.safetensors"))
+
+
+def interrupt_and_resume(cfg: VLMConfig) -> tuple[str, int]:
+    """main.py in a subprocess, SIGTERM once it has logged its second step, then `main.py --resume` to the end.
+    Returns the run folder and the step the stop saved at; raises if either process fails."""
+    run_dir = os.path.join(cfg.out_dir, cfg.run_name)
+    process = subprocess.Popen(main_py(cfg), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while process.poll() is None and time.time() < deadline:
+        if os.path.exists(metrics) and len(open(metrics).readlines()) >= 2:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    if process.returncode != 0 or "stop requested" not in output:
+        raise RuntimeError(f"SIGTERM: exit {process.returncode}, no clean stop: {output[-1500:]}")
+    stopped_at = load_training_state(run_dir)["step"]
+    resumed = subprocess.run(main_py(replace(cfg, resume=run_dir)), capture_output=True, text=True, timeout=300)
+    if resumed.returncode != 0:
+        raise RuntimeError(f"--resume: exit {resumed.returncode}: {(resumed.stdout + resumed.stderr)[-1500:]}")
+    return run_dir, stopped_at
+
+
+def compare_weights(a: dict, b: dict, start: dict) -> tuple[bool, float]:
+    """(bit-exact?, the largest difference between a and b relative to how far a moved from start)."""
+    exact = all(torch.equal(a[k], b[k]) for k in a)
+    return exact, max(float((a[k] - b[k]).norm() / (a[k] - start[k]).norm().clamp(min=1e-12)) for k in a)
+
+
+def one_step_gradients(cfg: VLMConfig, batch: dict, device, dtype, compile_backend: str | None = None):
+    """(loss, projector gradient, model) of one training step on batch; compiled with compile_backend if given."""
+    model = build_model(cfg, device, dtype)
+    if compile_backend:
+        model.compile_regions(backend=compile_backend)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    loss, _, _ = forward_backward(model, [batch], device, dtype, scaler)
+    return loss.item(), torch.cat([p.grad.flatten().float() for p in model.projector.parameters()]), model
+
+
+def correctness_checks(args, tokenizer, device) -> list[dict]:
+    """main.py's loop on this device with tiny models: each check runs the real code path and says ok or not."""
+    rows = []
+
+    def check(name: str, function) -> None:
+        start = time.perf_counter()
+        try:
+            ok, detail = function()
+        except Exception as error:  # a failed check is reported and the suite goes on with the next
+            ok, detail = False, f"{type(error).__name__}: {error}"[:2000]
+        rows.append({"check": name, "ok": ok, "detail": detail, "seconds": time.perf_counter() - start})
+        print(f"  {'ok  ' if ok else 'FAIL'} {name}: {detail}", flush=True)
+
+    folder = tempfile.mkdtemp(prefix="tinyvlm-suite-")
+    base = VLMConfig(**tiny_model_folders(folder, tokenizer), **llava_caption_set(folder, 96, 16),
+                     vision_feature_layer=-1, projector_hidden_dim=64, max_length=128, num_workers=2, batch_size=8,
+                     grad_accum_steps=2, max_steps=args.check_steps, lr_decay_steps=args.check_steps, lr=3e-3,
+                     warmup_steps=2, device=device.type, dtype="bfloat16", compile="false",
+                     eval_every=args.check_steps // 2, save_every=args.check_steps // 2, sample_every=0, log_every=1,
+                     out_dir=f"{folder}/runs", wandb_mode="disabled")
+    reference = build_model(base, torch.device("cpu"), torch.float32)  # the initial projector of every run
+    initial, processor = reference.projector.state_dict(), reference.processor
+    with open(base.val_data_path) as f:
+        names = [entry["image"] for entry in json.load(f)[:4]]
+    straight = {}
+
+    def train_bf16():
+        straight["run"] = train_run(replace(base, run_name="straight"))
+        losses = logged_losses(straight["run"])
+        moved = not compare_weights(projector_of(straight["run"]), initial, initial)[0]
+        ok = len(losses) == base.max_steps and all(math.isfinite(x) for x in losses) and moved
+        fused = "fused AdamW, pinned memory" if device.type == "cuda" else "AdamW (fused on CUDA only)"
+        return ok, f"{len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}; bf16 autocast, {fused}, 2 workers"
+
+    def sigterm_resume():
+        run_dir, stopped_at = interrupt_and_resume(replace(base, run_name="interrupted"))
+        exact, difference = compare_weights(projector_of(run_dir), projector_of(straight["run"]), initial)
+        ok = 0 < stopped_at < base.max_steps and (exact or difference < 1e-3)
+        return ok, (f"SIGTERM saved at step {stopped_at} and exited 0; --resume finished step {base.max_steps}; "
+                    f"projector vs an uninterrupted run: " + ("bit-exact" if exact else
+                    f"differs by {difference:.1e} of its update (tolerance 1e-3)"))
+
+    def fp16_scaler():
+        run_dir = train_run(replace(base, run_name="fp16", dtype="float16", max_steps=4, lr_decay_steps=4,
+                                    eval_every=4, save_every=4))
+        losses, scale = logged_losses(run_dir), load_training_state(run_dir)["scaler"].get("scale")
+        ok = len(losses) == 4 and all(math.isfinite(x) for x in losses) and scale is not None and scale > 0
+        return ok, f"4 steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, GradScaler scale {scale}"
+
+    def generation():
+        model = TinyVLM.from_pretrained(os.path.join(straight["run"], "checkpoint"), torch.float32).to(device).eval()
+        images = [decode_image(open_image_source(base.image_root).read(name)) for name in names]
+        prompts = ["Describe the image concisely.", "What is this?", "Caption it.", "Describe the scene in detail."]
+        batched = model.generate(images, prompts, max_new_tokens=8, min_new_tokens=8)
+        alone = [model.generate([i], [p], max_new_tokens=8, min_new_tokens=8)[0] for i, p in zip(images, prompts)]
+        return batched == alone, f"4 answers of 8 tokens, batched (left-padded) == one by one: {batched == alone}"
+
+    def compile_agrees():
+        """Compiled bf16 gradients against eager bf16's own error: both are compared with exact (fp32) ones."""
+        with open(base.data_path) as f:
+            data = LLaVADataset(json.load(f)[:8], open_image_source(base.image_root), processor, base.max_length)
+        batch = collate([data[i] for i in range(8)], tokenizer.pad_token_id)
+        _, exact = one_step_gradients(base, batch, device, torch.float32)[:2]
+        eager_loss, eager = one_step_gradients(base, batch, device, torch.bfloat16)[:2]
+        torch._dynamo.reset()
+        start = time.perf_counter()
+        loss, compiled, model = one_step_gradients(base, batch, device, torch.bfloat16, args.compile_backend)
+        seconds = time.perf_counter() - start
+        bf16_error, error = float((eager - exact).norm()), float((compiled - exact).norm())
+        answer = model.eval().generate([decode_image(open_image_source(base.image_root).read(names[0]))],
+                                       "Describe.", max_new_tokens=4, min_new_tokens=4)
+        ok = abs(loss - eager_loss) <= 2e-2 * abs(eager_loss) and error <= 1.5 * bf16_error and len(answer) == 1
+        return ok, (f"{args.compile_backend}: loss {loss:.4f} vs eager {eager_loss:.4f}; projector gradient "
+                    f"{error / exact.norm():.1e} from the fp32 one (eager bf16: {bf16_error / exact.norm():.1e}, "
+                    f"the bar is 1.5x that); {seconds:.0f} s with compiling; generate() works on it")
+
+    print(f"\ncorrectness on {device.type}: main.py's loop with tiny models", flush=True)
+    check("train: bf16, fused AdamW, workers, pinned memory", train_bf16)
+    check("SIGTERM, --resume, same as uninterrupted", sigterm_resume)
+    check("fp16 + GradScaler", fp16_scaler)
+    check("generate()", generation)
+    check("compile on and off agree", compile_agrees)
+    shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
+def bench_train_speed(args, tokenizer, device, dtype) -> list[dict]:
+    """The training step main.py runs (forward_backward, gradient clipping, AdamW) at real sizes, eager and
+    compiled, by micro-batch size: ms/step, samples/s, MFU, peak memory. The compiled model is compiled once
+    and keeps its graphs across batch sizes, as in a run; its first steps (compiling) are warm-up."""
+    peak, peak_source = peak_tflops(device)
+    rows = []
+    for compiled in (False, True):
+        model = random_model(args.tiny, dtype, args.attention, tokenizer, device)
+        if compiled:
+            torch._dynamo.reset()
+            model.compile_regions(backend=args.compile_backend)
+        optimizer = torch.optim.AdamW(model.projector.parameters(), lr=1e-4, fused=device.type == "cuda")
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
+        for batch_size in args.suite_batch_sizes:
+            batch = collate(synthetic_samples(model, batch_size), tokenizer.pad_token_id)
+            tokens = batch["attention_mask"].sum().item() / batch_size
+            targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item() / batch_size
+            if device.type == "cuda":
+                batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+                torch.cuda.reset_peak_memory_stats(device)
+            times = []
+            try:
+                for step in range(args.warmup + args.steps):
+                    synchronize(device)
+                    start = time.perf_counter()
+                    forward_backward(model, [batch], device, dtype, scaler)
+                    torch.nn.utils.clip_grad_norm_(model.projector.parameters(), 1.0)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    synchronize(device)
+                    times.append(time.perf_counter() - start)
+            except torch.OutOfMemoryError:
+                rows.append({"compiled": compiled, "batch_size": batch_size, "step_ms": float("nan"),
+                             "samples_per_s": float("nan"), "mfu": float("nan"), "peak_memory_gb": float("nan"),
+                             "warmup_s": float("nan"), "note": "out of memory"})
+                optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                continue
+            seconds = sorted(times[args.warmup:])[len(times[args.warmup:]) // 2]  # median step
+            flops = flops_per_sample(model, tokens, targets)["total"]
+            rows.append({"compiled": compiled, "batch_size": batch_size, "step_ms": 1000 * seconds,
+                         "samples_per_s": batch_size / seconds, "mfu": flops * batch_size / seconds / 1e12 / peak,
+                         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda"
+                         else float("nan"), "warmup_s": sum(times[:args.warmup]), "tokens_per_sample": tokens,
+                         "gflops_per_sample": flops / 1e9, "peak_tflops": peak, "peak_source": peak_source, "note": ""})
+        del model, optimizer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def cc3m_epoch(speed_rows: list[dict], data_rows: list[dict], device_name: str, peak: float,
+               dollars_per_hour: float) -> dict:
+    """Minutes for one epoch of LLaVA-CC3M-595K on this machine, from the fastest model step and the fastest
+    data pipeline measured here, and the A40 figures derived from it (not measured)."""
+    best = max((r for r in speed_rows if math.isfinite(r["samples_per_s"])), key=lambda r: r["samples_per_s"])
+    data_best = max(data_rows, key=lambda r: r["images_per_s"])
+    samples_per_s = min(best["samples_per_s"], data_best["images_per_s"])
+    minutes = 595_375 / samples_per_s / 60
+    a40_model_minutes = 595_375 / (best["samples_per_s"] * GPU_PEAK_TFLOPS["A40"] / peak) / 60
+    a40_minutes = max(a40_model_minutes, 595_375 / data_best["images_per_s"] / 60)
+    return {"device": device_name, "samples_per_s": samples_per_s, "minutes": minutes,
+            "limited_by": "model" if best["samples_per_s"] <= data_best["images_per_s"] else "data",
+            "best_model_step": {k: best[k] for k in ("compiled", "batch_size", "samples_per_s", "mfu")},
+            "best_data": {k: data_best[k] for k in ("workers", "images_per_s")},
+            "a40_minutes_derived": a40_minutes, "a40_dollars_derived": a40_minutes / 60 * dollars_per_hour,
+            "a40_assumptions": (f"derived, not measured: the A40 reaches the MFU measured here ({best['mfu']:.0%}) of "
+                                f"its {GPU_PEAK_TFLOPS['A40']} TFLOP/s dense bf16 peak, its host feeds "
+                                f"{data_best['images_per_s']:.0f} images/s as this one did with "
+                                f"{data_best['workers']} workers, at ${dollars_per_hour}/hour")}
+
+
+def run_gpu_suite(args, tokenizer, device, dtype, report: dict) -> bool:
+    """The suite's parts in order, each printed as a table; returns whether every correctness check passed."""
+    report["correctness"] = correctness_checks(args, tokenizer, device)
+    print_table("correctness", report["correctness"], ["check", "ok", "seconds"])
+    report["train_speed"] = bench_train_speed(args, tokenizer, device, dtype)
+    print_table(f"training step at {'tiny' if args.tiny else 'real'} sizes (bf16, {args.attention})",
+                report["train_speed"], ["compiled", "batch_size", "step_ms", "samples_per_s", "mfu",
+                                        "peak_memory_gb", "warmup_s", "note"])
+    report["data"] = bench_data(args, tokenizer, args.suite_workers, repeats=args.data_repeats)
+    print_table("data pipeline (images.zip -> uint8 batches of 32)", report["data"], ["workers", "images_per_s"])
+    report["generate"] = bench_generate(args, tokenizer, device, dtype)
+    print_table(f"generation ({args.new_tokens} new tokens per image)", report["generate"],
+                ["batch_size", "decoding", "images_per_s", "new_tokens_per_s"])
+    peak = report["train_speed"][0]["peak_tflops"]
+    report["cc3m_epoch"] = cc3m_epoch(report["train_speed"], report["data"], report["device"], peak,
+                                      args.a40_dollars_per_hour)
+    epoch = report["cc3m_epoch"]
+    print(f"\none CC3M-595K epoch on {epoch['device']}: {epoch['minutes']:.1f} min at {epoch['samples_per_s']:.0f} "
+          f"samples/s (limited by the {epoch['limited_by']})\nA40, derived: {epoch['a40_minutes_derived']:.1f} min, "
+          f"${epoch['a40_dollars_derived']:.2f} ({epoch['a40_assumptions']})")
+    return all(row["ok"] for row in report["correctness"])
+
+
+# ----------------------------------------------------------------------------------------------------------
 
 
 def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
@@ -398,21 +693,26 @@ def cc3m_projection(train_rows: list[dict], mfu: float, dollars_per_hour: float)
             "a40_dollars": seconds / 3600 * dollars_per_hour, "dollars_per_hour_assumed": dollars_per_hour}
 
 
-def main():
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=["gpu"], default=None,
+                        help="gpu: correctness checks of main.py's loop, training speed eager and compiled by "
+                             "micro-batch, data by workers, generation, one CC3M epoch (replaces --parts)")
     parser.add_argument("--tiny", action="store_true", help="tiny models instead of the real sizes")
+    parser.add_argument("--compile_backend", default="inductor", help="torch.compile's, for the suite's compiled "
+                        "runs (the tests use aot_eager: inductor takes minutes to compile on 2 CPU cores)")
     parser.add_argument("--parts", default="train,finetune,data,generate")
     parser.add_argument("--batch_size", type=int, default=None, help="training batch (default: 8 on CPU, 64 on GPU)")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 5; the suite 10, tiny 2)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2, the suite 3)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="bfloat16", help="the run dtype (autocast and frozen weights)")
     parser.add_argument("--attention", default=None, help="default: sdpa on GPUs, eager on CPUs")
     parser.add_argument("--finetune_batch_size", type=int, default=16, help="stage 2's default per-device batch")
     parser.add_argument("--finetune_steps", type=int, default=2)
-    parser.add_argument("--data_images", type=int, default=512)
+    parser.add_argument("--data_images", type=int, default=None, help="JPEGs in the data part's zip")
     parser.add_argument("--new_tokens", type=int, default=32)
-    parser.add_argument("--tokenizer", default=None, help="default: the demo's SmolLM2 folder, else the hub id")
+    parser.add_argument("--tokenizer", default=TOKENIZER_DIR, help="SmolLM2-135M-Instruct's, shipped in assets/")
     parser.add_argument("--a40_mfu", type=float, default=0.4, help="MFU assumed for the A40 projection")
     parser.add_argument("--a40_dollars_per_hour", type=float, default=0.44)
     parser.add_argument("--json", default="bench.json")
@@ -422,14 +722,24 @@ def main():
     dtype = getattr(torch, args.dtype)
     args.attention = args.attention or ("sdpa" if device.type == "cuda" else "eager")
     args.batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
-    tokenizer_path = args.tokenizer or (LANGUAGE_MODEL_DIR if os.path.isdir(LANGUAGE_MODEL_DIR)
-                                        else "HuggingFaceTB/SmolLM2-135M-Instruct")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    suite, tiny = args.suite == "gpu", args.tiny
+    args.steps = args.steps or (2 if tiny else 10 if suite else 5)
+    args.warmup = args.warmup or (1 if tiny else 3 if suite else 2)
+    args.data_images = args.data_images or (64 if tiny else 2048 if suite else 512)
+    args.data_repeats = 1 if tiny else 8  # the suite reads each JPEG 8 times: enough work for 16 workers
+    args.suite_batch_sizes = (2, 4) if tiny else (32, 64, 128, 256)
+    args.suite_workers = (1, 2) if tiny else (1, 4, 8, 16)
+    args.check_steps = 8 if tiny else 40
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    report = {"device": device_name, "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-              "transformers": transformers.__version__, "tiny": args.tiny, "dtype": args.dtype}
+    report = {"device": device_name, "cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+              "torch": torch.__version__, "transformers": transformers.__version__, "tiny": args.tiny,
+              "dtype": args.dtype, "suite": args.suite}
     print(json.dumps(report))
-    parts = args.parts.split(",")
+    ok = True
+    if suite:
+        ok = run_gpu_suite(args, tokenizer, device, dtype, report)
+    parts = [] if suite else args.parts.split(",")
     if "train" in parts:
         report["train"] = bench_train(args, tokenizer, device, dtype)
         print_table("training step", report["train"], ["variant", "batch_size", "step_ms", "samples_per_s",
@@ -451,8 +761,9 @@ def main():
                     ["batch_size", "decoding", "images_per_s", "new_tokens_per_s"])
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)
-    print(f"\nwrote {args.json}")
+    print(f"\nwrote {args.json}" + ("" if ok else "; some correctness checks FAILED"))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

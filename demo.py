@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from data import first_answer
+from model import SIGLIP_PREPROCESSING
 
 DEMO_DIR = "data/demo"
 LANGUAGE_MODEL_DIR = f"{DEMO_DIR}/models/SmolLM2-135M-Instruct"
@@ -75,10 +76,6 @@ INSTRUCTIONS = (
 )
 CAPTIONS = ("a {colour} {shape}.", "a {colour} {shape} on a plain background.", "a simple {colour} {shape}.")
 PROMPT = INSTRUCTIONS[0]  # the prompt used to caption held-out images
-SIGLIP_PREPROCESSING = {  # google/siglip-base-patch16-224's preprocessor_config.json
-    "image_processor_type": "SiglipImageProcessor", "do_resize": True, "size": {"height": 224, "width": 224},
-    "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True}
 
 
 # ----------------------------------------------------------------------------------------------------------

