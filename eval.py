@@ -23,6 +23,10 @@ from generate import answer
 from model import TinyVLM, find_model_folder, pick_attention, pick_device, pick_dtype
 
 # Prompt suffixes as LLaVA-1.5's evaluation writes them (llava/eval and its scripts/v1_5/eval).
+# The demo's held-out shapes (demo.py draws them): captions answer SHAPES_PROMPT and name one of each.
+SHAPES_PROMPT = "Describe the image concisely."
+SHAPE_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+SHAPE_NAMES = ("circle", "square", "triangle")
 MULTIPLE_CHOICE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
@@ -195,6 +199,28 @@ def caption_metrics(predictions: dict, references: dict) -> dict:
 # image; the scorer turns the answered jobs into metrics.
 
 
+def named(text: str, vocabulary) -> set:
+    return set(text.lower().replace(".", " ").replace(",", " ").split()) & set(vocabulary)
+
+
+def is_correct_shape_answer(entry: dict, answer: str) -> bool:
+    """Whether an answer about a demo image is right. A caption must name the right colour and the right
+    shape and no other; a colour or shape answer the right one and no other; a yes/no answer must start with
+    the right word."""
+    task = entry.get("task", "caption")
+    colour_right = named(answer, SHAPE_COLOURS) == {entry["colour"]}
+    shape_right = named(answer, SHAPE_NAMES) == {entry["shape"]}
+    if task == "caption":
+        return colour_right and shape_right
+    if task == "colour":
+        return colour_right
+    if task == "shape":
+        return shape_right
+    expected = first_answer(entry).split(".")[0].lower()
+    words = answer.lower().replace(".", " ").replace(",", " ").split()
+    return bool(words) and words[0] == expected
+
+
 def seeded_subset(rows: list, limit: int | None, seed: int) -> list:
     """The first `limit` of a seeded shuffle: a fixed subset, the same for every checkpoint."""
     if limit is None or limit >= len(rows):
@@ -298,17 +324,15 @@ def coco_task(args):
 
 def shapes_task(args):
     """The demo's held-out set (LLaVA JSON with "colour" and "shape" fields, and "task" for questions):
-    captions answer demo.PROMPT, questions their own; demo.py reports its accuracy with this code."""
-    import demo
-
+    captions answer SHAPES_PROMPT, questions their own; demo.py reports its accuracy with this code."""
     entries = seeded_subset(load_llava_json(args.shapes), args.limit, args.seed)
-    jobs = [{"id": e["id"], "image": e["image"], "prompt": demo.PROMPT if "task" not in e else first_question(e),
+    jobs = [{"id": e["id"], "image": e["image"], "prompt": SHAPES_PROMPT if "task" not in e else first_question(e),
              "entry": e} for e in entries]
     source = open_image_source(args.shapes_images)
 
     def score(jobs):
         for job in jobs:
-            job["correct"] = "answer" in job and demo.is_correct(job["entry"], job["answer"])
+            job["correct"] = "answer" in job and is_correct_shape_answer(job["entry"], job["answer"])
         kinds = defaultdict(list)
         for job in jobs:
             kinds[job["entry"].get("task", "caption")].append(job["correct"])

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizer threads fight DataLoader workers
@@ -84,7 +84,7 @@ class VLMConfig:
     resume: str = ""  # a run folder to continue
     wandb_project: str = "tinyvlm"
     wandb_mode: str = "online"  # online, offline (local files only) or disabled
-    demo: bool = False  # offline demo: synthetic data, SmolLM2 from PyPI, random SigLIP (see demo.py)
+    demo: bool = False  # `main.py --demo` runs demo.py: synthetic data, SmolLM2 from PyPI, a random SigLIP
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -116,21 +116,14 @@ FINETUNE_CONFIG = dict(data_path="data/llava_v1_5_mix665k.json", image_root="dat
                        batch_size=16, grad_accum_steps=8, lr=2e-5, lm_lr=2e-5, eval_every=200, save_every=1000)
 
 
-def resolve_config(overrides: dict) -> VLMConfig:
-    """Defaults, then stage 2's (with --stage finetune), then the demo's (with --demo), then the model
-    settings of --init_from, then a resumed run's saved config (with --resume), then the command line."""
-    values = {}
-    finetune = overrides.get("stage") == "finetune"
-    if finetune:
-        values.update(FINETUNE_CONFIG)
-    if overrides.get("demo"):
-        from demo import DEMO_CONFIG, DEMO_FINETUNE_CONFIG
-        values.update(DEMO_FINETUNE_CONFIG if finetune else DEMO_CONFIG)
+def resolve_config(overrides: dict, preset: dict | None = None) -> VLMConfig:
+    """Defaults, then stage 2's (with --stage finetune), then `preset` (an application's own defaults: the
+    demo's), then the model settings of --init_from, then a resumed run's saved config (with --resume), then
+    the command line."""
+    values = dict(FINETUNE_CONFIG) if overrides.get("stage") == "finetune" else {}
+    values.update(preset or {})
     init_from = overrides.get("init_from", values.get("init_from"))
     if init_from:
-        if overrides.get("demo") and not os.path.isdir(init_from):
-            raise FileNotFoundError(f"the stage-2 demo starts from the stage-1 demo's run, {init_from}: "
-                                    "run `uv run main.py --demo` first")
         with open(os.path.join(find_model_folder(init_from), "config.json")) as f:
             values.update(json.load(f))  # the architecture and prompt format are the checkpoint's
     if overrides.get("resume"):
@@ -211,11 +204,12 @@ def load_training_state(run_dir: str) -> dict:
 
 
 class Logger:
-    """Metrics to the console, to <run>/metrics.jsonl and to W&B, from rank 0 only."""
+    """Metrics to the console (a progress bar), to <run>/metrics.jsonl and to W&B, from rank 0 only."""
 
     def __init__(self, cfg: VLMConfig, run_dir: str, enabled: bool, wandb_id: str | None,
-                 resumed_at: int | None = None):
+                 resumed_at: int | None = None, max_steps: int | None = None):
         self.enabled, self.run = enabled, None
+        self.bar = tqdm(total=max_steps, initial=resumed_at or 0, disable=not enabled, dynamic_ncols=True)
         self.path = os.path.join(run_dir, "metrics.jsonl")
         if enabled and resumed_at is not None:  # forget what was logged after the checkpoint: it is redone
             for path in (self.path, os.path.join(run_dir, "samples.jsonl")):
@@ -260,6 +254,7 @@ class Logger:
             self.run.log({"samples": table}, step=step)
 
     def finish(self) -> None:
+        self.bar.close()
         if self.run is not None:
             self.run.finish()
 
@@ -408,121 +403,232 @@ def build_model(cfg: VLMConfig, device: torch.device, dtype: torch.dtype) -> Tin
     return model
 
 
-def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dtype, rank: int = 0,
-          world_size: int = 1) -> str:
-    """The training loop. Returns the run folder."""
-    is_main = rank == 0
-    log = (lambda text: tqdm.write(text)) if is_main else (lambda text: None)
+def build_optimizer(cfg: VLMConfig, model: TinyVLM, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over what trains: the projector at lr and, in stage 2, the language model at lm_lr. Each group's
+    base_lr is scaled by the schedule every step."""
+    groups = [{"params": list(model.projector.parameters()), "base_lr": cfg.lr}]
+    if cfg.stage == "finetune":
+        groups.append({"params": list(model.lm.parameters()), "base_lr": cfg.lm_lr})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+                             fused=device.type == "cuda")
+
+
+def build_loaders(cfg: VLMConfig, train_set, val_set, pad_token_id: int, position: int, rank: int,
+                  world_size: int, device: torch.device) -> tuple[DataLoader, DataLoader]:
+    """The endless training stream from `position` on (this process's share of each global micro-batch) and
+    this process's share of the validation set."""
+    options = dict(collate_fn=partial(collate, pad_token_id=pad_token_id), num_workers=cfg.num_workers,
+                   pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint_in_worker)
+    sampler = StreamSampler(len(train_set), cfg.seed, position, cfg.batch_size, rank, world_size)
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
+                              persistent_workers=cfg.num_workers > 0, **options)
+    val_subset = torch.utils.data.Subset(val_set, list(range(rank, len(val_set), world_size)))
+    return train_loader, DataLoader(val_subset, batch_size=cfg.batch_size, **options)
+
+
+def for_processes(model: TinyVLM, cfg: VLMConfig, device: torch.device):
+    """The module the loop calls: under torchrun, the model in DistributedDataParallel, which syncs only the
+    parameters that train. In stage 2 a text-only micro-batch leaves the projector unused on that process,
+    hence find_unused_parameters."""
+    if not dist.is_initialized():
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=cfg.stage == "finetune", broadcast_buffers=False)
+
+
+@dataclass
+class Progress:
+    """Where a run stands: with the weights, the optimizer and the GradScaler, what a checkpoint holds."""
+
+    step: int = 0
+    position: int = 0  # samples of the training stream consumed, by all processes together
+    best_val_loss: float = float("inf")
+    skipped_samples: torch.Tensor = field(  # this process's samples skipped while loading, by reason
+        default_factory=lambda: torch.zeros(len(SKIPPED_WHEN_LOADED), dtype=torch.float64))
+    wandb_id: str = ""
+    saved_at: int = -1  # the step of the last checkpoint
+
+    def count_skipped(self, micro_batches: list) -> None:
+        for batch in micro_batches:
+            for reason, count in batch["skipped"].items():
+                self.skipped_samples[SKIPPED_WHEN_LOADED.index(reason)] += count
+
+
+def save_checkpoint(run_dir: str, cfg: VLMConfig, model: TinyVLM, optimizer, scaler, progress: Progress,
+                    device: torch.device, is_main: bool) -> None:
+    """<run>/checkpoint, written atomically by rank 0 (every process joins the skip-count sum): the trained
+    weights as save_pretrained writes them, training_state.pt and training_config.json."""
+    progress.saved_at = progress.step
+    state = {
+        "step": progress.step, "position": progress.position, "best_val_loss": progress.best_val_loss,
+        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        "skipped_samples": all_reduce_sum(progress.skipped_samples.to(device, copy=True)).cpu(),
+        "rng_cpu": torch.get_rng_state(), "wandb_id": progress.wandb_id,
+        "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else torch.tensor([]),
+    }
+
+    def write(folder):
+        model.save_pretrained(folder, save_language_model=cfg.stage == "finetune")
+        torch.save(state, os.path.join(folder, "training_state.pt"))
+        with open(os.path.join(folder, "training_config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=2)
+
+    if is_main:
+        save_atomically(os.path.join(run_dir, "checkpoint"), write)
+        tqdm.write(f"step {progress.step}: saved {run_dir}/checkpoint")
+
+
+def restore_checkpoint(run_dir: str, model: TinyVLM, optimizer, scaler, device: torch.device, rank: int) -> Progress:
+    """Load a run's last checkpoint into the model, optimizer, GradScaler and RNGs; return its progress. The
+    learning rates stay this config's, not the saved ones."""
+    state = load_training_state(run_dir)
+    model.load_weights(checkpoint_folder(run_dir))
+    base_lrs = [group["base_lr"] for group in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])
+    for group, base_lr in zip(optimizer.param_groups, base_lrs):
+        group["base_lr"] = base_lr
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if device.type == "cuda" and len(state["rng_cuda"]):
+        torch.cuda.set_rng_state(state["rng_cuda"])
+    progress = Progress(step=state["step"], position=state["position"], best_val_loss=state["best_val_loss"],
+                        wandb_id=state["wandb_id"], saved_at=state["step"])
+    if rank == 0:  # the sum over all processes was saved: rank 0 carries it on, the others start from zero
+        progress.skipped_samples = state["skipped_samples"]
+    return progress
+
+
+class PeriodicWork:
+    """What a run does every so many optimizer steps, and at its last: log the training metrics (log_every),
+    validate and keep the best model in <run>/best (eval_every), caption held-out images (sample_every) and
+    save a checkpoint (save_every)."""
+
+    def __init__(self, cfg: VLMConfig, run_dir: str, model: TinyVLM, optimizer, scaler, val_set, val_loader,
+                 logger: Logger, skipped_entries: dict, max_steps: int, device, dtype, is_main: bool):
+        self.cfg, self.run_dir, self.model, self.optimizer, self.scaler = cfg, run_dir, model, optimizer, scaler
+        self.val_loader, self.logger, self.skipped_entries, self.max_steps = val_loader, logger, skipped_entries, max_steps
+        self.device, self.dtype, self.is_main = device, dtype, is_main
+        self.sample_entries, self.sample_images = (readable_images(val_set, cfg.num_sample_images)
+                                                   if is_main and cfg.sample_every > 0 else ([], []))
+        self.start_interval()
+
+    def start_interval(self) -> None:
+        self.interval_start, self.interval_samples, self.interval_tokens = time.perf_counter(), 0, 0
+
+    def due(self, every: int, step: int) -> bool:
+        return every > 0 and (step % every == 0 or step == self.max_steps)
+
+    def after_step(self, progress: Progress, train_loss: torch.Tensor, grad_norm: torch.Tensor, factor: float,
+                   num_samples: int, num_tokens: int) -> None:
+        self.interval_samples += num_samples
+        self.interval_tokens += num_tokens
+        self.logger.bar.update(1)
+        if self.due(self.cfg.log_every, progress.step):
+            self.log_training(progress, train_loss.item(), grad_norm.item(), factor)
+        if self.due(self.cfg.eval_every, progress.step):
+            self.validate(progress)
+        if self.due(self.cfg.sample_every, progress.step):
+            self.log_samples(progress.step)
+        if self.due(self.cfg.save_every, progress.step):
+            self.save(progress)
+
+    def log_training(self, progress: Progress, train_loss: float, grad_norm: float, factor: float) -> None:
+        seconds = time.perf_counter() - self.interval_start
+        skipped_loading = all_reduce_sum(progress.skipped_samples.to(self.device, copy=True)).tolist()  # all processes
+        metrics = {"train/loss": train_loss, "train/lr": self.cfg.lr * factor, "train/grad_norm": grad_norm,
+                   **({"train/lm_lr": self.cfg.lm_lr * factor} if self.cfg.stage == "finetune" else {}),
+                   "train/samples_per_s": self.interval_samples / seconds,
+                   "train/tokens_per_s": self.interval_tokens / seconds,
+                   **{f"data/skipped {reason}": n for reason, n in self.skipped_entries.items()},
+                   **{f"data/skipped {reason}": n for reason, n in zip(SKIPPED_WHEN_LOADED, skipped_loading) if n}}
+        self.logger.log(metrics, progress.step)
+        self.logger.bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{self.cfg.lr * factor:.2e}",
+                                    samples_per_s=f"{self.interval_samples / seconds:.1f}")
+        self.start_interval()
+
+    def validate(self, progress: Progress) -> None:
+        val_loss = evaluate(self.model, self.val_loader, self.device, self.dtype)
+        self.logger.log({"val/loss": val_loss}, progress.step)
+        if self.is_main:
+            tqdm.write(f"step {progress.step}: val loss {val_loss:.4f}")
+        if val_loss < progress.best_val_loss:
+            progress.best_val_loss = val_loss
+            if self.is_main:
+                save_atomically(os.path.join(self.run_dir, "best"), partial(
+                    self.model.save_pretrained, save_language_model=self.cfg.stage == "finetune"))
+
+    def log_samples(self, step: int) -> None:
+        if self.sample_entries:
+            self.model.eval()
+            rows = caption_samples(self.model, self.sample_entries, self.sample_images, self.device, self.dtype)
+            self.logger.log_samples(rows, self.sample_images, step)
+            self.model.train()
+
+    def save(self, progress: Progress) -> None:
+        save_checkpoint(self.run_dir, self.cfg, self.model, self.optimizer, self.scaler, progress, self.device,
+                        self.is_main)
+
+
+def new_run_folder(cfg: VLMConfig) -> str:
     default_name = ("stage1" if cfg.stage == "pretrain" else "stage2") + time.strftime("-%Y%m%d-%H%M%S")
     run_dir = cfg.resume or os.path.join(cfg.out_dir, cfg.run_name or default_name)
     if not cfg.resume and checkpoint_folder(run_dir):
         raise FileExistsError(f"{run_dir} already holds a checkpoint: pass --resume {run_dir} to continue it, "
                               "or choose another --run_name")
+    return run_dir
+
+
+def catch_stop_signals() -> tuple[list, dict]:
+    """SIGINT and SIGTERM append to the returned list instead of killing the run: the loop saves and stops at
+    the end of the step. Returns the list and the handlers to put back."""
+    stop_signals = []
+    handlers = {s: signal.signal(s, lambda signum, _: stop_signals.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    return stop_signals, handlers
+
+
+def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dtype, rank: int = 0,
+          world_size: int = 1) -> str:
+    """The training loop. Returns the run folder."""
+    is_main = rank == 0
+    log = tqdm.write if is_main else (lambda text: None)
+    run_dir = new_run_folder(cfg)
     if is_main:
         os.makedirs(run_dir, exist_ok=True)
         log("config:\n" + json.dumps(asdict(cfg), indent=2))
-
     train_set, val_set, skipped_entries = load_data(cfg, model.processor, log)
-    skipped_samples = torch.zeros(len(SKIPPED_WHEN_LOADED), dtype=torch.float64)  # this process's, by reason
     global_batch = cfg.batch_size * cfg.grad_accum_steps * world_size
     max_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * len(train_set) / global_batch)
     decay_steps = cfg.lr_decay_steps if cfg.lr_decay_steps > 0 else max_steps
     warmup_steps = cfg.warmup_steps if cfg.warmup_steps >= 0 else math.ceil(0.03 * decay_steps)
 
-    groups = [{"params": list(model.projector.parameters()), "base_lr": cfg.lr}]
-    if cfg.stage == "finetune":
-        groups.append({"params": list(model.lm.parameters()), "base_lr": cfg.lm_lr})
-    parameters = [p for group in groups for p in group["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
-                                  fused=device.type == "cuda")
+    optimizer = build_optimizer(cfg, model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    step, position, best_val_loss, wandb_id = 0, 0, float("inf"), None
+    progress = Progress()
     if cfg.resume:
-        state = load_training_state(run_dir)
-        model.load_weights(checkpoint_folder(run_dir))
-        optimizer.load_state_dict(state["optimizer"])
-        for group, saved in zip(optimizer.param_groups, groups):
-            group["base_lr"] = saved["base_lr"]  # the learning rates of this config, not the saved ones
-        scaler.load_state_dict(state["scaler"])
-        step, position, best_val_loss = state["step"], state["position"], state["best_val_loss"]
-        wandb_id = state["wandb_id"] or None
-        skipped_samples = state["skipped_samples"] if rank == 0 else skipped_samples  # the others' are in it
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and len(state["rng_cuda"]):
-            torch.cuda.set_rng_state(state["rng_cuda"])
-        log(f"resumed {run_dir} at step {step} (sample {position})")
-
-    pin = device.type == "cuda"
-    loader_options = dict(collate_fn=partial(collate, pad_token_id=model.processor.tokenizer.pad_token_id),
-                          num_workers=cfg.num_workers, pin_memory=pin, worker_init_fn=ignore_sigint_in_worker)
-    sampler = StreamSampler(len(train_set), cfg.seed, position, cfg.batch_size, rank, world_size)
-    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
-                              persistent_workers=cfg.num_workers > 0, **loader_options)
-    val_indices = list(range(rank, len(val_set), world_size))
-    val_loader = DataLoader(torch.utils.data.Subset(val_set, val_indices), batch_size=cfg.batch_size,
-                            **loader_options)
-    trainer = model
-    if dist.is_initialized():  # DDP syncs only the parameters that train; in stage 2 a text-only micro-batch
-        # leaves the projector unused on that process, hence find_unused_parameters
-        trainer = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                          find_unused_parameters=cfg.stage == "finetune", broadcast_buffers=False)
-    logger = Logger(cfg, run_dir, is_main, wandb_id, resumed_at=step if cfg.resume else None)
-    sample_entries, sample_images = readable_images(val_set, cfg.num_sample_images) if is_main else ([], [])
-
-    def log_samples() -> None:
-        if sample_entries:
-            model.eval()
-            logger.log_samples(caption_samples(model, sample_entries, sample_images, device, dtype),
-                               sample_images, step)
-            model.train()
-
-    saved_at = None  # the step of the last checkpoint
-
-    def save_model(folder: str) -> None:
-        model.save_pretrained(folder, save_language_model=cfg.stage == "finetune")
-
-    def save_checkpoint() -> None:
-        nonlocal saved_at
-        saved_at = step
-        state = {
-            "step": step, "position": position, "best_val_loss": best_val_loss,
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "skipped_samples": all_reduce_sum(skipped_samples.to(device, copy=True)).cpu(),
-            "rng_cpu": torch.get_rng_state(), "wandb_id": logger.wandb_id or "",
-            "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else torch.tensor([]),
-        }
-
-        def write(folder):
-            save_model(folder)
-            torch.save(state, os.path.join(folder, "training_state.pt"))
-            with open(os.path.join(folder, "training_config.json"), "w") as f:
-                json.dump(asdict(cfg), f, indent=2)
-
-        if is_main:
-            save_atomically(os.path.join(run_dir, "checkpoint"), write)
-            log(f"step {step}: saved {run_dir}/checkpoint")
-
-    stop_signal = []  # set by SIGINT / SIGTERM; the loop saves and exits at the end of the current step
-    previous_handlers = {s: signal.signal(s, lambda signum, _: stop_signal.append(signum))
-                         for s in (signal.SIGINT, signal.SIGTERM)}
-
-    if step == 0 and cfg.sample_every > 0:
-        log_samples()  # what the model says before it learns anything
+        progress = restore_checkpoint(run_dir, model, optimizer, scaler, device, rank)
+        log(f"resumed {run_dir} at step {progress.step} (sample {progress.position})")
+    train_loader, val_loader = build_loaders(cfg, train_set, val_set, model.processor.tokenizer.pad_token_id,
+                                             progress.position, rank, world_size, device)
+    trainer = for_processes(model, cfg, device)
+    logger = Logger(cfg, run_dir, is_main, progress.wandb_id or None, progress.step if cfg.resume else None,
+                    max_steps)
+    progress.wandb_id = logger.wandb_id or ""
+    periodic = PeriodicWork(cfg, run_dir, model, optimizer, scaler, val_set, val_loader, logger, skipped_entries,
+                            max_steps, device, dtype, is_main)
+    stop_signals, previous_handlers = catch_stop_signals()
+    if progress.step == 0:
+        periodic.log_samples(0)  # what the model says before it learns anything
     model.train()
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     batches = iter(train_loader)
-    progress = tqdm(total=max_steps, initial=step, disable=not is_main, dynamic_ncols=True)
-    interval_start, interval_samples, interval_tokens = time.perf_counter(), 0, 0
     try:
-        while step < max_steps:
-            factor = lr_factor(step, warmup_steps, decay_steps, cfg.min_lr_ratio)
+        while progress.step < max_steps:
+            factor = lr_factor(progress.step, warmup_steps, decay_steps, cfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
-            lr = cfg.lr * factor
             micro_batches = [next(batches) for _ in range(cfg.grad_accum_steps)]
-            position += global_batch
-            for batch in micro_batches:
-                for reason, count in batch["skipped"].items():
-                    skipped_samples[SKIPPED_WHEN_LOADED.index(reason)] += count
+            progress.position += global_batch
+            progress.count_skipped(micro_batches)
             train_loss, num_tokens, num_samples = forward_backward(trainer, micro_batches, device, dtype, scaler,
                                                                    world_size)
             scaler.unscale_(optimizer)
@@ -530,46 +636,15 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            interval_samples += num_samples
-            interval_tokens += num_tokens
-            progress.update(1)
-
-            if step % cfg.log_every == 0 or step == max_steps:
-                train_loss = train_loss.item()
-                seconds = time.perf_counter() - interval_start
-                skipped_loading = all_reduce_sum(skipped_samples.to(device, copy=True)).tolist()  # all processes
-                metrics = {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm.item(),
-                           **({"train/lm_lr": cfg.lm_lr * factor} if cfg.stage == "finetune" else {}),
-                           "train/samples_per_s": interval_samples / seconds,
-                           "train/tokens_per_s": interval_tokens / seconds,
-                           **{f"data/skipped {reason}": n for reason, n in skipped_entries.items()},
-                           **{f"data/skipped {reason}": n for reason, n in zip(SKIPPED_WHEN_LOADED, skipped_loading)
-                              if n}}
-                logger.log(metrics, step)
-                progress.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}",
-                                     samples_per_s=f"{interval_samples / seconds:.1f}")
-                interval_start, interval_samples, interval_tokens = time.perf_counter(), 0, 0
-            if step % cfg.eval_every == 0 or step == max_steps:
-                val_loss = evaluate(model, val_loader, device, dtype)
-                logger.log({"val/loss": val_loss}, step)
-                log(f"step {step}: val loss {val_loss:.4f}")
-                if val_loss < best_val_loss:
-                    best_val_loss = val_loss
-                    if is_main:
-                        save_atomically(os.path.join(run_dir, "best"), save_model)
-            if cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == max_steps):
-                log_samples()
-            if step % cfg.save_every == 0 or step == max_steps:
-                save_checkpoint()
-            stopping = all_reduce_sum(torch.tensor([len(stop_signal)], device=device)).item() > 0
-            if stopping and step < max_steps:
-                log(f"stop requested: checkpoint at step {step}; resume with --resume {run_dir}")
-                if saved_at != step:
-                    save_checkpoint()
+            progress.step += 1
+            periodic.after_step(progress, train_loss, grad_norm, factor, num_samples, num_tokens)
+            stopping = all_reduce_sum(torch.tensor([len(stop_signals)], device=device)).item() > 0
+            if stopping and progress.step < max_steps:
+                log(f"stop requested: checkpoint at step {progress.step}; resume with --resume {run_dir}")
+                if progress.saved_at != progress.step:
+                    periodic.save(progress)
                 break
     finally:
-        progress.close()
         logger.finish()
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
@@ -577,19 +652,17 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
 
 
 def main(argv: list[str]) -> None:
-    transformers.utils.logging.disable_progress_bar()  # one bar per loaded file otherwise
     overrides = parse_args(argv)
+    if overrides.get("demo"):  # the demo is an application of this file, not a part of it: hand over to it
+        os.execv(sys.executable, [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"),
+                                  *argv])
+    transformers.utils.logging.disable_progress_bar()  # one bar per loaded file otherwise
     cfg = resolve_config(overrides)
     rank, world_size, local_rank = setup_distributed()
     device = pick_device(cfg.device, local_rank)
     dtype = pick_dtype(cfg.dtype, device)
-    if cfg.demo:
-        import demo
-
-        demo.run(cfg, device, dtype)
-    else:
-        model = build_model(cfg, device, dtype)
-        train(cfg, model, device, dtype, rank, world_size)
+    model = build_model(cfg, device, dtype)
+    train(cfg, model, device, dtype, rank, world_size)
     if dist.is_initialized():
         dist.destroy_process_group()
 

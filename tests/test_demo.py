@@ -1,16 +1,24 @@
-"""The offline demo, shortened: it trains with main.py's loop and reports what generate.py answers."""
+"""The offline demo, shortened: `main.py --demo` hands over to demo.py, which trains with main.py's loop and
+reports what generate.py answers; its config is DEMO_CONFIG under the command line."""
 
 import json
 import os
+import subprocess
+import sys
 
+import demo
 import generate
-import main
 from demo import DEMO_CONFIG, PROMPT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_demo_reports_the_captions_generate_py_gives_for_its_checkpoint(tmp_path, smollm2_dir):
-    main.main(["--demo", "--max_steps=6", "--eval_every=6", "--save_every=6", "--sample_every=0",
-               "--wandb_mode=disabled", f"--out_dir={tmp_path}"])
+    result = subprocess.run([sys.executable, "main.py", "--demo", "--max_steps=6", "--eval_every=6", "--save_every=6",
+                             "--sample_every=0", "--wandb_mode=disabled", f"--out_dir={tmp_path}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "9 drawn at random shown" in result.stdout
     run_dir = tmp_path / "demo"
     reported = json.loads((run_dir / "heldout_answers.json").read_text())
     assert len(reported) == 72 and all(r["answer"] for r in reported)
@@ -22,3 +30,8 @@ def test_demo_reports_the_captions_generate_py_gives_for_its_checkpoint(tmp_path
     assert status == 0
     assert [p["answer"] for p in predictions] == [r["answer"] for r in reported]
     assert os.path.isfile(run_dir / "loss.png")
+
+
+def test_demo_config_is_the_preset_under_the_command_line():
+    cfg = demo.config(["--batch_size", "3"])
+    assert cfg.batch_size == 3 and cfg.max_steps == DEMO_CONFIG["max_steps"] and cfg.demo

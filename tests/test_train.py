@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 from data import collate, to_messages
-from demo import DEMO_CONFIG
 from main import (VLMConfig, build_model, checkpoint_folder, forward_backward, load_training_state, lr_factor, main,
                   parse_args, resolve_config, save_atomically, train)
 
@@ -169,9 +168,9 @@ def test_command_line_overrides_are_typed():
                             "--vision_feature_layer", "-1"])
     assert overrides == {"batch_size": 32, "lr": 3e-4, "demo": True, "wandb_mode": "offline",
                          "vision_feature_layer": -1}
-    cfg = resolve_config(overrides)
-    assert cfg.batch_size == 32 and cfg.lr == 3e-4
-    assert cfg.max_steps == DEMO_CONFIG["max_steps"] != VLMConfig().max_steps  # the demo's, not overridden
+    preset = {"max_steps": 7, "batch_size": 2, "lr": 1.0}  # an application's defaults, as the demo passes its own
+    cfg = resolve_config(overrides, preset)
+    assert cfg.batch_size == 32 and cfg.lr == 3e-4 and cfg.max_steps == 7  # the command line beats the preset
     assert resolve_config(parse_args(["--demo", "false"])) == VLMConfig()
     with pytest.raises(SystemExit):
         parse_args(["--batch_size", "many"])
