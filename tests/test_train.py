@@ -72,7 +72,9 @@ def test_a_tiny_model_overfits_a_handful_of_samples(tiny_config, shapes_data, tm
     cfg = dataclasses.replace(tiny_config, data_path=str(tmp_path / "four.json"), max_steps=150, warmup_steps=5,
                               lr=3e-2, eval_every=150, save_every=150, log_every=10)
     losses = [m["train/loss"] for m in metrics(run(cfg)) if "train/loss" in m]
-    assert losses[-1] < 0.5 * losses[0], losses
+    # only the projector trains, so the floor is the frozen random LM's: under 0.5x with transformers 5.24's
+    # initialisation, 0.54x with 5.17's (the GPU machine's), from the same seed
+    assert losses[-1] < 0.6 * losses[0], losses
 
 
 def test_frozen_weights_do_not_change_and_the_projector_does(tiny_config):
