@@ -204,6 +204,33 @@ def to_messages(conversations: list, image_placeholder: str) -> list[dict]:
     return messages
 
 
+def chat_turns(conversation: list[dict], with_image: bool) -> list[dict]:
+    """A conversation so far, ending with the user's question, as LLaVA turns. It may be written as chat
+    messages ({"role": "user"/"assistant"/"system", "content"}) or as LLaVA turns ({"from", "value"}). With an
+    image and no <image> marker, the marker goes first in the first user turn, where LLaVA data has it.
+    Raises ValueError on a conversation training would not accept, so a prompt never holds a stray marker."""
+    llava_role = {role: llava for llava, role in ROLES.items()}
+    turns = []
+    for index, turn in enumerate(conversation):
+        turn = turn if isinstance(turn, dict) else {}
+        role = turn.get("from", llava_role.get(turn.get("role")))
+        text = turn.get("value", turn.get("content"))
+        if role not in ROLES or not isinstance(text, str):
+            raise ValueError(f"turn {index} of the conversation is not a user, assistant or system message")
+        turns.append({"from": role, "value": text})
+    speakers = [turn["from"] for turn in turns if turn["from"] != "system"]
+    if not speakers or speakers[0] != "human" or speakers[-1] != "human":
+        raise ValueError("a conversation must start and end with a user turn")
+    first_user_turn = next(turn for turn in turns if turn["from"] == "human")
+    markers = sum(turn["value"].count(IMAGE_MARKER) for turn in turns)
+    if with_image and markers == 0:
+        first_user_turn["value"] = f"{IMAGE_MARKER}\n{first_user_turn['value']}"
+    elif markers != with_image or (markers and IMAGE_MARKER not in first_user_turn["value"]):
+        raise ValueError(f"{markers} {IMAGE_MARKER} markers for {int(with_image)} image: the one image goes in "
+                         f"the first user turn")
+    return turns
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Processor: image and conversation to tensors, shared by training and inference
 
@@ -277,6 +304,10 @@ class Processor:
         """Token ids of a conversation up to the assistant's next turn: what generation starts from."""
         text = self.render(messages, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def chat_messages(self, conversation: list[dict], with_image: bool) -> list[dict]:
+        """A conversation so far (see chat_turns) as messages, formatted exactly like a training sample."""
+        return to_messages(chat_turns(conversation, with_image), self.image_placeholder)
 
     def prompt_messages(self, prompt: str, with_image: bool = True) -> list[dict]:
         """A one-turn user prompt, with the image, formatted exactly like a training sample."""

@@ -6,6 +6,7 @@ in the chat prompt. `TinyVLM.from_config(cfg)` loads the encoders (hub ids or lo
 
 import json
 import os
+import threading
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -13,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
+from transformers import (AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel, StoppingCriteria,
+                          StoppingCriteriaList, TextIteratorStreamer)
 from transformers.image_processing_utils import ImageProcessingMixin
 
 from data import IGNORE_INDEX, Processor, collate
@@ -280,13 +282,16 @@ class TinyVLM(nn.Module):
 
     def prompt_batch(self, images: list, prompts) -> dict:
         """Left-padded generation prompts, built exactly as in training (Processor), on this model's device:
-        `images` are PIL images (None for a text-only prompt), `prompts` one string for all or one per image."""
+        `images` are PIL images (None for a text-only prompt), `prompts` one string for all or one per image;
+        a prompt may also be a whole conversation so far (a list of messages, see Processor.chat_messages)."""
         prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
         if len(prompts) != len(images):
             raise ValueError(f"got {len(images)} images and {len(prompts)} prompts")
         samples = []
         for image, prompt in zip(images, prompts):
-            input_ids = self.processor.encode_prompt(self.processor.prompt_messages(prompt, image is not None))
+            messages = (self.processor.prompt_messages(prompt, image is not None) if isinstance(prompt, str)
+                        else self.processor.chat_messages(prompt, image is not None))
+            input_ids = self.processor.encode_prompt(messages)
             pixels = None if image is None else self.processor.image_to_pixels(image)
             samples.append({"input_ids": input_ids, "labels": [IGNORE_INDEX] * len(input_ids), "pixels": pixels})
         batch = collate(samples, self.processor.tokenizer.pad_token_id, padding_side="left")
@@ -312,6 +317,51 @@ class TinyVLM(nn.Module):
                                       pad_token_id=tokenizer.pad_token_id, **sampling, **generate_options)
         # output: (B, new tokens); with inputs_embeds and no input_ids, generate() returns only new tokens
         return [text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
+
+    def chat(self, conversation: list[dict], image=None, **generation) -> str:
+        """The assistant's next turn in a conversation about one image (a PIL image, or None to chat without
+        one). conversation: the turns so far, ending with the user's, as chat messages ({"role", "content"})
+        or LLaVA turns; the image goes in the first user turn, as in LLaVA data (Processor.chat_messages).
+        generation: generate()'s options (max_new_tokens, do_sample, temperature, top_p, ...). Runs in mixed
+        precision when the language model's weights are half precision, as generate.py does."""
+        with autocast(self.pixel_mean.device, self.lm.dtype):
+            return self.generate([image], [conversation], **generation)[0]
+
+    def chat_stream(self, conversation: list[dict], image=None, **generation):
+        """chat(), as a generator of text pieces while they are decoded: generate() runs in a thread and feeds
+        transformers' TextIteratorStreamer. Closing the generator early stops the generation at the next
+        token and waits for it, so the model is free again when this returns."""
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop = threading.Event()
+        stopping_criteria = StoppingCriteriaList([*generation.pop("stopping_criteria", []), StopWhenSet(stop)])
+        errors = []
+
+        def run():
+            try:
+                self.chat(conversation, image, streamer=streamer, stopping_criteria=stopping_criteria, **generation)
+            except BaseException as error:  # re-raised in the caller's thread, below
+                errors.append(error)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        try:
+            yield from (piece for piece in streamer if piece)
+        finally:
+            stop.set()
+            thread.join()
+        if errors:
+            raise errors[0]
+
+
+class StopWhenSet(StoppingCriteria):
+    """Stops generate() once the event is set (from another thread): the reader of a stream went away."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def find_model_folder(path: str) -> str:
