@@ -164,6 +164,8 @@ def test_packed_resume_with_data_loader_workers_is_exact(packed_config):
 
 
 def test_two_processes_packing_their_own_shares_train_like_one(packed_config):
+    """Each process packs its own 4 conversations of a step; in the second step one process needs 3
+    micro-batches and the other 2: the one that finishes first waits in the gradient all-reduce, not forever."""
     one = run(dataclasses.replace(packed_config, run_name="one", batch_size=4))
     two = torchrun(dataclasses.replace(packed_config, run_name="two", batch_size=2), processes=2)
     initial = {**initial_weights(packed_config, "projector"), **initial_weights(packed_config, "lm")}
