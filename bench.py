@@ -478,6 +478,9 @@ def bench_packing(args, tokenizer, device, dtype) -> list[dict]:
                VLMConfig.grad_accum_steps, args.packing_batch_size * 4, 1)]
     for stage, make_entries, max_length, batch_size, accum, timed_batch_size, timed_accum in stages:
         model = build_model(args.tiny, dtype, args.attention, tokenizer, device)
+        decoder = model.lm.get_decoder()
+        decoder.layers = decoder.layers[:args.packing_lm_layers]  # every layout pays the same per layer
+        decoder.config.num_hidden_layers = len(decoder.layers)
         pad = tokenizer.pad_token_id
         samples = encoded_samples(model, make_entries(args.packing_samples), max_length)
         kept = [s for s in samples if "skipped" not in s]
@@ -564,6 +567,7 @@ def main():
     parser.add_argument("--packing_samples", type=int, default=4096, help="conversations per stage (packing)")
     parser.add_argument("--packing_batch_size", type=int, default=4, help="stage 2's timed micro-batch (packing)")
     parser.add_argument("--packing_steps", type=int, default=2, help="timed steps per layout (packing)")
+    parser.add_argument("--packing_lm_layers", type=int, default=30, help="LM layers kept (packing; 30: all)")
     parser.add_argument("--tokenizer", default=None, help="default: the demo's SmolLM2 folder, else the hub id")
     parser.add_argument("--a40_mfu", type=float, default=0.4, help="MFU assumed for the A40 projection")
     parser.add_argument("--a40_dollars_per_hour", type=float, default=0.44)
