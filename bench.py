@@ -31,8 +31,8 @@ import transformers
 from PIL import Image, ImageDraw
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-from data import IGNORE_INDEX, LLaVADataset, collate, decode_image, open_image_source, to_messages
-from main import VLMConfig, build_model, forward_backward, load_training_state, train
+from data import IGNORE_INDEX, LLaVADataset, collate, decode_image, open_image_source, pack_step, to_messages
+from main import FINETUNE_CONFIG, VLMConfig, build_model, forward_backward, load_training_state, train
 from model import SIGLIP_PREPROCESSING, ModelConfig, TinyVLM, autocast, pick_device
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -678,6 +678,158 @@ def run_gpu_suite(args, tokenizer, device, dtype, report: dict) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Packing
+
+
+# llava_v1_5_mix665k as the LLaVA-1.5 paper lists it (its Table 7: source, conversations), and how each source
+# is shaped there: (image, turns, words per question, words per answer), each drawn uniformly from its range.
+# The shapes are estimates from how LLaVA-1.5 formats each source (all questions about one image in one
+# conversation; short answers with a one-word instruction), not statistics of the file, which cannot be read here.
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+MIX665K_SOURCES = {
+    "LLaVA-Instruct conversation": (58_000, True, (1, 5), (6, 15), (20, 120), ""),
+    "LLaVA-Instruct detail": (23_000, True, (1, 1), (6, 12), (60, 150), ""),
+    "LLaVA-Instruct reasoning": (77_000, True, (1, 1), (10, 25), (60, 180), ""),
+    "ShareGPT (text only)": (40_000, False, (1, 6), (10, 200), (50, 400), ""),
+    "VQAv2": (83_000, True, (2, 8), (4, 10), (1, 3), SHORT_ANSWER),
+    "GQA": (72_000, True, (3, 15), (6, 14), (1, 3), SHORT_ANSWER),
+    "OKVQA": (9_000, True, (1, 3), (6, 12), (1, 3), SHORT_ANSWER),
+    "OCRVQA": (80_000, True, (3, 7), (5, 10), (1, 8), SHORT_ANSWER),
+    "A-OKVQA": (66_000, True, (1, 2), (20, 35), (1, 1), "Answer with the option's letter."),
+    "TextCaps": (22_000, True, (1, 1), (8, 8), (8, 20), ""),
+    "RefCOCO": (48_000, True, (2, 10), (10, 15), (2, 8), ""),
+    "VG": (86_000, True, (3, 12), (10, 14), (3, 10), ""),
+}
+WORDS = (CAPTION_WORDS + "what is the man holding in his hand why might this be a good place to sit and read "
+         "describe picture region colour number written sign [0.12, 0.34, 0.56, 0.78]".split())
+
+
+def mix665k_like_entries(count: int, seed: int = 0) -> list[dict]:
+    """LLaVA entries drawn from MIX665K_SOURCES in proportion to their sizes."""
+    rng = random.Random(seed)
+    names = list(MIX665K_SOURCES)
+    weights = [MIX665K_SOURCES[name][0] for name in names]
+    entries = []
+    for i in range(count):
+        _, has_image, turns, question_words, answer_words, suffix = MIX665K_SOURCES[rng.choices(names, weights)[0]]
+        conversation = []
+        for k in range(rng.randint(*turns)):
+            question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*question_words))) + "? " + suffix
+            answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*answer_words))) + "."
+            marker = "<image>\n" if has_image and k == 0 else ""
+            conversation += [{"from": "human", "value": marker + question.strip()}, {"from": "gpt", "value": answer}]
+        entries.append({"id": str(i), **({"image": f"{i}.jpg"} if has_image else {}), "conversations": conversation})
+    return entries
+
+
+def cc3m_like_entries(count: int, seed: int = 0) -> list[dict]:
+    """LLaVA-CC3M entries: a LLaVA instruction and a caption of 6-16 words (CC3M's are about 10)."""
+    rng = random.Random(seed)
+    return [{"id": str(i), "image": f"{i}.jpg", "conversations": [
+        {"from": "human", "value": f"{rng.choice(INSTRUCTIONS)}\n<image>"},
+        {"from": "gpt", "value": " ".join(rng.choice(CAPTION_WORDS) for _ in range(rng.randint(6, 16))) + " ."}]}
+        for i in range(count)]
+
+
+def encoded_samples(model: TinyVLM, entries: list[dict], max_length: int, seed: int = 0) -> list[dict]:
+    """Entries as training samples; those longer than max_length skipped, as in training. The samples with
+    an image share one random image: its pixels do not change the time a step takes."""
+    image = torch.randint(0, 256, (3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    samples = []
+    for entry in entries:
+        messages = to_messages(entry["conversations"], model.processor.image_placeholder)
+        input_ids, labels = model.processor.encode(messages)
+        if len(input_ids) > max_length:
+            samples.append({"skipped": "too long"})
+            continue
+        samples.append({"input_ids": input_ids, "labels": labels, "pixels": image if "image" in entry else None})
+    return samples
+
+
+def step_batches(share: list[dict], layout: str, batch_size: int, max_length: int, max_tokens: int, pad: int) -> list:
+    """One process's share of a step as micro-batches: padded in stream order (TinyVLM without packing),
+    length-grouped (sorted by length, then cut into micro-batches of batch_size, as LLaVA's
+    group_by_modality_length does within a mega-batch), or packed (data.pack_step)."""
+    if layout == "packed":
+        return pack_step(share, max_length, max_tokens, pad)
+    if layout == "grouped":
+        share = sorted(share, key=lambda s: len(s.get("input_ids", ())))
+    return [collate(share[i:i + batch_size], pad) for i in range(0, len(share), batch_size)]
+
+
+def real_token_share(batches: list[dict]) -> float:
+    return sum(b["num_tokens"] for b in batches) / max(1, sum(b["input_ids"].numel() for b in batches))
+
+
+LAYOUTS = ("padded", "grouped", "packed")
+
+
+def bench_packing(args, tokenizer, device, dtype) -> list[dict]:
+    """Share of real tokens in the token slots (over many steps, lengths only) and trained tokens/s (a few
+    timed steps of the whole model) for padded, length-grouped and packed micro-batches, on stage-2
+    (llava_v1_5_mix665k-like) and stage-1 (CC3M-like) data. Every layout trains on the same step shares."""
+    rows = []
+    finetune = dict(VLMConfig().__dict__, **FINETUNE_CONFIG)
+    stages = [("stage 2, mix665k-like", mix665k_like_entries, finetune["max_length"], finetune["batch_size"],
+               finetune["grad_accum_steps"], args.packing_batch_size, 2),
+              ("stage 1, CC3M-like", cc3m_like_entries, VLMConfig.max_length, VLMConfig.batch_size,
+               VLMConfig.grad_accum_steps, args.packing_batch_size * 4, 1)]
+    for stage, make_entries, max_length, batch_size, accum, timed_batch_size, timed_accum in stages:
+        model = random_model(args.tiny, dtype, args.attention, tokenizer, device)
+        decoder = model.lm.get_decoder()
+        decoder.layers = decoder.layers[:args.packing_lm_layers]  # every layout pays the same per layer
+        decoder.config.num_hidden_layers = len(decoder.layers)
+        pad = tokenizer.pad_token_id
+        samples = encoded_samples(model, make_entries(args.packing_samples), max_length)
+        kept = [s for s in samples if "skipped" not in s]
+        lengths = sorted(len(s["input_ids"]) for s in kept)
+        print(f"{stage}: {len(kept)} samples, {len(samples) - len(kept)} longer than {max_length} skipped; tokens "
+              f"per sample: mean {sum(lengths) / len(lengths):.0f}, median {lengths[len(lengths) // 2]}, "
+              f"90th percentile {lengths[len(lengths) * 9 // 10]}, max {lengths[-1]}")
+        if stage.startswith("stage 2"):
+            model.lm.float().requires_grad_(True)
+            trained = list(model.parameters())
+        else:
+            trained = list(model.projector.parameters())
+        optimizer = torch.optim.AdamW(trained, lr=1e-5, fused=device.type == "cuda")
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
+        timed_share = timed_batch_size * timed_accum
+        warm_up = step_batches(samples[-timed_batch_size:], "padded", timed_batch_size, max_length, 0, pad)
+        forward_backward(model, warm_up, device, dtype, scaler)  # allocations, kernels, AdamW state: untimed
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for layout in LAYOUTS:
+            share = batch_size * accum  # the default config's share of a step, for the token slots
+            slots = [b for i in range(0, len(samples) - share + 1, share) for b in step_batches(
+                samples[i:i + share], layout, batch_size, max_length, batch_size * max_length, pad)]
+            times, timed = [], []
+            for step in range(args.packing_steps):
+                share_samples = samples[step * timed_share:(step + 1) * timed_share]
+                batches = step_batches(share_samples, layout, timed_batch_size, max_length,
+                                       timed_batch_size * max_length, pad)
+                synchronize(device)
+                start = time.perf_counter()
+                forward_backward(model, batches, device, dtype, scaler)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                synchronize(device)
+                times.append(time.perf_counter() - start)
+                timed += batches
+            rows.append({"stage": stage, "layout": layout, "real_token_share": real_token_share(slots),
+                         "config_batch": f"{batch_size} x {accum}", "max_length": max_length,
+                         "timed_batch": f"{timed_batch_size} x {timed_accum}", "timed_steps": args.packing_steps,
+                         "micro_batches_per_step": len(timed) / args.packing_steps,
+                         "timed_real_token_share": real_token_share(timed),
+                         "tokens_per_s": sum(b["num_tokens"] for b in timed) / sum(times)})
+            print(rows[-1])
+        padded = rows[-len(LAYOUTS)]["tokens_per_s"]
+        for row in rows[-len(LAYOUTS):]:
+            row["speedup"] = row["tokens_per_s"] / padded
+        del model, optimizer
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
 
 
 def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
@@ -715,6 +867,10 @@ def main() -> int:
     parser.add_argument("--finetune_steps", type=int, default=2)
     parser.add_argument("--data_images", type=int, default=None, help="JPEGs in the data part's zip")
     parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--packing_samples", type=int, default=4096, help="conversations per stage (packing)")
+    parser.add_argument("--packing_batch_size", type=int, default=4, help="stage 2's timed micro-batch (packing)")
+    parser.add_argument("--packing_steps", type=int, default=2, help="timed steps per layout (packing)")
+    parser.add_argument("--packing_lm_layers", type=int, default=30, help="LM layers kept (packing; 30: all)")
     parser.add_argument("--tokenizer", default=TOKENIZER_DIR, help="SmolLM2-135M-Instruct's, shipped in assets/")
     parser.add_argument("--a40_mfu", type=float, default=0.4, help="MFU assumed for the A40 projection")
     parser.add_argument("--a40_dollars_per_hour", type=float, default=0.44)
@@ -758,6 +914,11 @@ def main() -> int:
         report["data"] = bench_data(args, tokenizer)
         print_table("data pipeline (zip -> decode -> resize -> tokenize -> collate)", report["data"],
                     ["workers", "images_per_s", "jpeg_kb"])
+    if "packing" in parts:
+        report["packing"] = bench_packing(args, tokenizer, device, dtype)
+        print_table("padded, length-grouped and packed micro-batches", report["packing"],
+                    ["stage", "layout", "real_token_share", "timed_batch", "micro_batches_per_step",
+                     "timed_real_token_share", "tokens_per_s", "speedup"])
     if "generate" in parts:
         report["generate"] = bench_generate(args, tokenizer, device, dtype)
         print_table(f"generation ({args.new_tokens} new tokens per image)", report["generate"],

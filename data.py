@@ -368,7 +368,7 @@ def collate(samples: list[dict], pad_token_id: int, padding_side: str = "right")
     images = [s["pixels"] for s in kept if s["pixels"] is not None]
     pixels = torch.stack(images) if images else None  # (num_images, 3, H, W) uint8
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "pixels": pixels,
-            "skipped": skipped}
+            "skipped": skipped, "num_samples": len(kept), "num_tokens": int(attention_mask.sum())}
 
 
 class StreamSampler(Sampler):
@@ -396,6 +396,68 @@ class StreamSampler(Sampler):
                 epoch = position // self.num_samples
                 order = self.order(epoch)
             yield order[position % self.num_samples]
+
+
+def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:
+    """First-fit decreasing: the indices of samples grouped into rows of at most row_length tokens, longest
+    samples first (ties in the given order), each into the first row it fits. A pure function of the
+    lengths, so the same samples always pack the same way."""
+    if any(length > row_length for length in lengths):
+        raise ValueError(f"a sample of {max(lengths)} tokens does not fit a row of {row_length}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep the stream order
+    rows, free = [], []  # free[r]: token slots left in rows[r]
+    for i in order:
+        row = next((r for r, space in enumerate(free) if lengths[i] <= space), None)
+        if row is None:
+            rows.append([])
+            free.append(row_length)
+            row = len(rows) - 1
+        rows[row].append(i)
+        free[row] -= lengths[i]
+    return rows
+
+
+def packed_batch(rows: list[list[dict]], pad_token_id: int) -> dict:
+    """Rows of whole samples laid end to end, padded to the fullest row. Position ids restart at 0 for each
+    sample (and for the padding after the last one), and no attention mask is given: from that, transformers
+    builds a block-diagonal causal mask, so no sample attends to another (the model must run with
+    use_cache=False: with a cache, transformers ignores the restarts). Images follow the samples in row-major
+    order, the order of their runs of placeholders."""
+    width = max((sum(len(s["input_ids"]) for s in row) for row in rows), default=0)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (rows, width)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # (rows, width)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)  # (rows, width)
+    for r, row in enumerate(rows):
+        start = 0
+        for sample in row:
+            n = len(sample["input_ids"])
+            input_ids[r, start:start + n] = torch.tensor(sample["input_ids"])
+            labels[r, start:start + n] = torch.tensor(sample["labels"])
+            labels[r, start] = IGNORE_INDEX  # never predicted from the sample before it (never a target anyway)
+            position_ids[r, start:start + n] = torch.arange(n)
+            start += n
+        position_ids[r, start:] = torch.arange(width - start)  # the padding: a sequence of its own
+    images = [s["pixels"] for row in rows for s in row if s["pixels"] is not None]
+    pixels = torch.stack(images) if images else None  # (num_images, 3, H, W) uint8
+    num_tokens = sum(len(s["input_ids"]) for row in rows for s in row)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": None,
+            "pixels": pixels, "skipped": Counter(), "num_samples": sum(map(len, rows)), "num_tokens": num_tokens}
+
+
+def pack_step(samples: list[dict], row_length: int, max_tokens_per_batch: int, pad_token_id: int) -> list[dict]:
+    """A process's share of one optimizer step, packed: whole samples in rows of row_length tokens (pack_rows),
+    and rows in micro-batches of at most max_tokens_per_batch token slots. The step trains on the same
+    samples as unpacked, in fewer, fuller micro-batches; how many depends on their lengths. Skipped samples
+    are counted in the first micro-batch, which is empty when all were skipped."""
+    rows_per_batch = max_tokens_per_batch // row_length
+    if rows_per_batch < 1:
+        raise ValueError(f"max_tokens_per_batch={max_tokens_per_batch} must be at least max_length={row_length}")
+    kept = [s for s in samples if "skipped" not in s]
+    rows = [[kept[i] for i in row] for row in pack_rows([len(s["input_ids"]) for s in kept], row_length)]
+    batches = [packed_batch(rows[i:i + rows_per_batch], pad_token_id) for i in range(0, len(rows), rows_per_batch)]
+    batches = batches or [packed_batch([], pad_token_id)]
+    batches[0]["skipped"] = Counter(s["skipped"] for s in samples if "skipped" in s)
+    return batches
 
 
 def ignore_sigint_in_worker(_worker_id: int):

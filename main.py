@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from data import (IGNORE_INDEX, SKIPPED_WHEN_LOADED, LLaVADataset, StreamSampler, collate, decode_image,
                   filter_entries, first_answer, first_question, ignore_sigint_in_worker, load_llava_json,
-                  open_image_source, split_entries)
+                  open_image_source, pack_step, split_entries)
 from model import (ModelConfig, TinyVLM, autocast, find_model_folder, pick_attention, pick_compile, pick_device,
                    pick_dtype)
 
@@ -58,6 +58,10 @@ class VLMConfig:
     # optimisation (LLaVA stage 1: global batch 256, lr 1e-3, warmup 3%, cosine, one epoch)
     batch_size: int = 64  # per device and micro-batch
     grad_accum_steps: int = 4  # global batch = batch_size * grad_accum_steps * number of GPUs
+    # packing: a step trains on the same samples, laid end to end in rows of max_length tokens instead of
+    # padded, in micro-batches of at most max_tokens_per_batch tokens (data.pack_step); no sample sees another
+    packing: bool = False
+    max_tokens_per_batch: int = 0  # token slots in a packed micro-batch; 0: batch_size * max_length
     epochs: float = 1.0
     max_steps: int = -1  # -1: as many optimizer steps as `epochs` takes
     lr: float = 1e-3  # the projector's
@@ -283,13 +287,9 @@ def load_data(cfg: VLMConfig, processor, log) -> tuple[LLaVADataset, LLaVADatase
 
 
 def move(batch: dict, device: torch.device) -> dict:
-    pixels = batch["pixels"]
-    return {
-        "input_ids": batch["input_ids"].to(device, non_blocking=True),
-        "attention_mask": batch["attention_mask"].to(device, non_blocking=True),
-        "labels": batch["labels"].to(device, non_blocking=True),
-        "pixels": None if pixels is None else pixels.to(device, non_blocking=True),
-    }
+    """The model's inputs on device; a packed batch has position_ids and no attention_mask (None)."""
+    return {key: None if batch.get(key) is None else batch[key].to(device, non_blocking=True)
+            for key in ("input_ids", "attention_mask", "position_ids", "labels", "pixels")}
 
 
 def count_targets(batch: dict) -> int:
@@ -317,8 +317,8 @@ def forward_backward(trainer, micro_batches: list, device, dtype, scaler, world_
     token weighs the same: 4 micro-batches of 2 give the gradient of one batch of 8, and N processes the
     gradient of their global batch. Returns (mean loss per target token, tokens, samples), all global."""
     counts = torch.tensor([sum(count_targets(b) for b in micro_batches),
-                           sum(int(b["attention_mask"].sum()) for b in micro_batches),
-                           sum(len(b["input_ids"]) for b in micro_batches)], dtype=torch.float64)
+                           sum(b["num_tokens"] for b in micro_batches),
+                           sum(b["num_samples"] for b in micro_batches)], dtype=torch.float64)
     if dist.is_initialized():
         counts = all_reduce_sum(counts.to(device)).cpu()
     num_targets, num_tokens, num_samples = counts.tolist()
@@ -416,12 +416,17 @@ def build_optimizer(cfg: VLMConfig, model: TinyVLM, device: torch.device) -> tor
 def build_loaders(cfg: VLMConfig, train_set, val_set, pad_token_id: int, position: int, rank: int,
                   world_size: int, device: torch.device) -> tuple[DataLoader, DataLoader]:
     """The endless training stream from `position` on (this process's share of each global micro-batch) and
-    this process's share of the validation set."""
+    this process's share of the validation set. With packing, one item of the stream is this process's whole
+    share of a step, packed into micro-batches."""
     options = dict(collate_fn=partial(collate, pad_token_id=pad_token_id), num_workers=cfg.num_workers,
                    pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint_in_worker)
     sampler = StreamSampler(len(train_set), cfg.seed, position, cfg.batch_size, rank, world_size)
-    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
-                              persistent_workers=cfg.num_workers > 0, **options)
+    train_options = dict(options, batch_size=cfg.batch_size)
+    if cfg.packing:
+        train_options.update(batch_size=cfg.batch_size * cfg.grad_accum_steps, collate_fn=partial(
+            pack_step, row_length=cfg.max_length, max_tokens_per_batch=cfg.max_tokens_per_batch
+            or cfg.batch_size * cfg.max_length, pad_token_id=pad_token_id))
+    train_loader = DataLoader(train_set, sampler=sampler, persistent_workers=cfg.num_workers > 0, **train_options)
     val_subset = torch.utils.data.Subset(val_set, list(range(rank, len(val_set), world_size)))
     return train_loader, DataLoader(val_subset, batch_size=cfg.batch_size, **options)
 
@@ -626,7 +631,7 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
             factor = lr_factor(progress.step, warmup_steps, decay_steps, cfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
-            micro_batches = [next(batches) for _ in range(cfg.grad_accum_steps)]
+            micro_batches = next(batches) if cfg.packing else [next(batches) for _ in range(cfg.grad_accum_steps)]
             progress.position += global_batch
             progress.count_skipped(micro_batches)
             train_loss, num_tokens, num_samples = forward_backward(trainer, micro_batches, device, dtype, scaler,

@@ -263,15 +263,17 @@ class TinyVLM(nn.Module):
         image_embeds = self.encode_images(pixels)  # (N, num_image_tokens, H)
         return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
 
-    def forward(self, input_ids, attention_mask, labels, pixels=None) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, labels, pixels=None, position_ids=None) -> torch.Tensor:
         """Summed cross-entropy over the target tokens (labels != IGNORE_INDEX). The caller divides by the
         number of target tokens in the whole optimizer step, so every token weighs the same however the
         step is split into micro-batches. The LM head runs only at target positions: image and prompt
-        positions never get (vocab-sized) logits."""
+        positions never get (vocab-sized) logits. A packed batch (data.packed_batch) comes with position_ids
+        that restart at each sample and no attention_mask."""
         embeds = self.embed(input_ids, pixels)  # (B, T, H)
-        # use_cache=False: the LM's config asks for a KV cache, which training has no use for (and which a
-        # compiled decoder layer would otherwise guard on)
-        hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+        # use_cache=False: with a cache (the config's default), transformers ignores restarting position ids and
+        # lets packed samples attend to each other; training has no use for a cache anyway, and a compiled
+        # decoder layer would guard on it
+        hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                                        use_cache=False).last_hidden_state  # (B, T, H)
         targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
         is_target = targets != IGNORE_INDEX

@@ -1,0 +1,172 @@
+"""Packed batches: whole conversations end to end in rows, position ids restarting at each one, no attention
+across them. They train exactly like padded batches of the same conversations, in one process or several,
+and resume exactly."""
+
+import dataclasses
+import json
+import os
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from data import IGNORE_INDEX, LLaVADataset, collate, open_image_source, pack_rows, pack_step, packed_batch
+from main import build_model, forward_backward, train
+from test_distributed import assert_same_updates, initial_weights, torchrun
+from test_finetune import finetune_config, instruct_data, stage1_model  # noqa: F401 (fixtures)
+
+CPU = torch.device("cpu")
+
+
+def conversations(cfg, model, count: int) -> list[dict]:
+    """The first `count` stage-2 samples, text-only ones among them, each image a different one."""
+    entries = json.load(open(cfg.data_path))
+    dataset = LLaVADataset(entries[:count], open_image_source(cfg.image_root), model.processor, cfg.max_length)
+    samples = [dataset[i] for i in range(count)]
+    assert any(s["pixels"] is None for s in samples) and any(s["pixels"] is not None for s in samples)
+    return samples
+
+
+def token_losses(model, batch: dict) -> torch.Tensor:
+    """Cross-entropy of every next-token prediction, (rows, width - 1); 0 where the label is IGNORE."""
+    embeds = model.embed(batch["input_ids"], batch["pixels"])  # (B, T, H)
+    hidden = model.lm.get_decoder()(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                    position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
+    logits = model.lm.get_output_embeddings()(hidden[:, :-1])  # (B, T-1, vocab)
+    return F.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE_INDEX,
+                           reduction="none")  # (B, T-1)
+
+
+def packed_spans(rows: list[list[int]], lengths: list[int]) -> dict:
+    """Where each sample lies in a packed batch: index -> (row, first column)."""
+    spans = {}
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            spans[i] = (r, start)
+            start += lengths[i]
+    return spans
+
+
+def gradients(model, micro_batches: list) -> torch.Tensor:
+    model.zero_grad()
+    forward_backward(model, micro_batches, CPU, torch.float32, torch.amp.GradScaler("cpu", enabled=False))
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_packed_and_padded_batches_give_the_same_token_losses_and_gradients(finetune_config):
+    model = build_model(finetune_config, CPU, torch.float32)
+    samples = conversations(finetune_config, model, 12)
+    lengths = [len(s["input_ids"]) for s in samples]
+    pad = model.processor.tokenizer.pad_token_id
+    padded = collate(samples, pad)
+    rows = pack_rows(lengths, finetune_config.max_length)
+    packed = packed_batch([[samples[i] for i in row] for row in rows], pad)
+    assert len(rows) < len(samples) and any(len(row) > 1 for row in rows)  # really packed
+    with torch.no_grad():
+        padded_losses, packed_losses = token_losses(model, padded), token_losses(model, packed)
+    for i, (r, start) in packed_spans(rows, lengths).items():
+        # position t predicts token t+1: sample i's predictions are columns start .. start + n - 2
+        torch.testing.assert_close(packed_losses[r, start:start + lengths[i] - 1],
+                                   padded_losses[i, :lengths[i] - 1], rtol=1e-4, atol=1e-5)
+    # the same gradients, projector and language model, whether padded in two micro-batches or packed in one
+    padded_gradient = gradients(model, [collate(samples[:6], pad), collate(samples[6:], pad)])
+    packed_gradient = gradients(model, pack_step(samples, finetune_config.max_length,
+                                                 2 * finetune_config.max_length, pad))
+    torch.testing.assert_close(packed_gradient, padded_gradient, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_changing_one_packed_conversation_leaves_its_neighbours_losses_alone(finetune_config, attention):
+    model = build_model(dataclasses.replace(finetune_config, attn_implementation=attention), CPU, torch.float32)
+    first, middle, last, other = conversations(finetune_config, model, 12)[8:12]
+    pad = model.processor.tokenizer.pad_token_id
+    with torch.no_grad():
+        before = token_losses(model, packed_batch([[first, middle, last]], pad))[0]
+        after = token_losses(model, packed_batch([[first, other, last]], pad))[0]
+        # the same rows with one position count running through: plain causal attention, no isolation
+        leaky = packed_batch([[first, other, last]], pad)
+        leaky["position_ids"] = torch.arange(leaky["input_ids"].shape[1])[None]
+        leaked = token_losses(model, leaky)[0]
+    a, m = len(first["input_ids"]), len(middle["input_ids"])
+    n = len(other["input_ids"])
+    torch.testing.assert_close(after[:a - 1], before[:a - 1], rtol=0, atol=1e-6)  # the conversation before
+    torch.testing.assert_close(after[a + n:], before[a + m:], rtol=0, atol=1e-6)  # the conversation after
+    assert (leaked[a + n:] - before[a + m:]).abs().max() > 1e-3  # the test can tell attention leaking
+
+
+def test_pack_step_places_every_sample_once_within_the_budget(finetune_config):
+    samples = [{"input_ids": [7] * n, "labels": [7] * n, "pixels": None} for n in (90, 20, 128, 60, 5, 70, 40)]
+    samples.insert(3, {"skipped": "image missing"})
+    batches = pack_step(samples, row_length=128, max_tokens_per_batch=256, pad_token_id=0)
+    assert [b["skipped"] for b in batches] == [Counter({"image missing": 1})] + [Counter()] * (len(batches) - 1)
+    assert sum(b["num_samples"] for b in batches) == 7 and sum(b["num_tokens"] for b in batches) == 413
+    assert all(b["input_ids"].numel() <= 256 and b["input_ids"].shape[1] <= 128 for b in batches)
+    real_share = 413 / sum(b["input_ids"].numel() for b in batches)
+    assert real_share > 0.8 and len(batches) == 2
+    again = pack_step(samples, row_length=128, max_tokens_per_batch=256, pad_token_id=0)
+    assert all(torch.equal(a["position_ids"], b["position_ids"]) for a, b in zip(batches, again))
+
+
+def test_pack_step_with_every_sample_skipped_gives_one_empty_batch_that_counts_them():
+    batches = pack_step([{"skipped": "too long"}] * 2, row_length=64, max_tokens_per_batch=64, pad_token_id=0)
+    assert len(batches) == 1 and batches[0]["input_ids"].numel() == 0
+    assert batches[0]["skipped"] == Counter({"too long": 2}) and batches[0]["num_samples"] == 0
+
+
+def test_a_budget_smaller_than_max_length_is_refused():
+    with pytest.raises(ValueError, match="max_tokens_per_batch=100 must be at least max_length=128"):
+        pack_step([], row_length=128, max_tokens_per_batch=100, pad_token_id=0)
+
+
+def run(cfg) -> str:
+    return train(cfg, build_model(cfg, CPU, torch.float32), CPU, torch.float32)
+
+
+def checkpoint(run_dir: str) -> dict:
+    folder = os.path.join(run_dir, "checkpoint")
+    return {**load_file(os.path.join(folder, "projector.safetensors")),
+            **load_file(os.path.join(folder, "language_model", "model.safetensors"))}
+
+
+@pytest.fixture
+def packed_config(finetune_config, tmp_path):
+    """Stage 2, packed: 8 conversations per step in rows of 128 tokens, one row per micro-batch, so a step
+    takes several micro-batches (how many depends on the lengths); 4 validation conversations."""
+    val = json.load(open(finetune_config.val_data_path))[:4]
+    (tmp_path / "val.json").write_text(json.dumps(val))
+    return dataclasses.replace(finetune_config, packing=True, max_tokens_per_batch=128, grad_accum_steps=2,
+                               max_steps=2, eval_every=2, save_every=2, sample_every=0,
+                               val_data_path=str(tmp_path / "val.json"))
+
+
+def test_packed_training_updates_the_weights_like_padded_training(packed_config):
+    packed = run(dataclasses.replace(packed_config, run_name="packed"))
+    padded = run(dataclasses.replace(packed_config, run_name="padded", packing=False))
+    initial = {**initial_weights(packed_config, "projector"), **initial_weights(packed_config, "lm")}
+    assert_same_updates(initial, checkpoint(packed), checkpoint(padded))
+    logged = {run_dir: [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+              for run_dir in (packed, padded)}
+    for key in ("train/loss", "val/loss"):
+        assert [m[key] for m in logged[packed] if key in m] == pytest.approx(
+            [m[key] for m in logged[padded] if key in m], rel=1e-4), key
+
+
+def test_packed_resume_with_data_loader_workers_is_exact(packed_config):
+    cfg = dataclasses.replace(packed_config, num_workers=2, lr_decay_steps=2)
+    straight = run(dataclasses.replace(cfg, run_name="straight"))
+    run(dataclasses.replace(cfg, run_name="halves", max_steps=1))
+    resumed = run(dataclasses.replace(cfg, run_name="halves", resume=os.path.join(cfg.out_dir, "halves")))
+    a, b = checkpoint(straight), checkpoint(resumed)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_two_processes_packing_their_own_shares_train_like_one(packed_config):
+    """Each process packs its own 4 conversations of a step; in the second step one process needs 3
+    micro-batches and the other 2: the one that finishes first waits in the gradient all-reduce, not forever."""
+    one = run(dataclasses.replace(packed_config, run_name="one", batch_size=4))
+    two = torchrun(dataclasses.replace(packed_config, run_name="two", batch_size=2), processes=2)
+    initial = {**initial_weights(packed_config, "projector"), **initial_weights(packed_config, "lm")}
+    assert_same_updates(initial, checkpoint(one), checkpoint(two))
