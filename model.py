@@ -53,13 +53,25 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16). Without it, torch falls
+    back to a slow reference kernel: on an AVX2-only AMD EPYC a bf16 training step took 7-10x as long as fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto": bfloat16 on GPUs that have it, else float16; float32 on CPUs."""
+    """"auto": bfloat16 on GPUs that have it, else float16; on CPUs bfloat16 where the CPU has bf16 matrix
+    instructions, else float32."""
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16_matmul() else torch.float32
 
 
 def pick_attention(name: str, device: torch.device) -> str:
