@@ -282,27 +282,64 @@ def bench_finetune(args, tokenizer, device, dtype) -> list[dict]:
     return rows
 
 
+def cc3m_like_jpeg(rng: random.Random, quality: int = 75) -> bytes:
+    """A JPEG like CC3M's (about 12 KB; 14.5 KB at quality 85): a smooth gradient, a few shapes, texture."""
+    width, height = rng.choice([(400, 300), (300, 400), (500, 333), (333, 500)])
+    image = Image.linear_gradient("L").resize((width, height)).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    for _ in range(4):
+        x, y = rng.randrange(width), rng.randrange(height)
+        draw.ellipse((x, y, x + rng.randint(20, 150), y + rng.randint(20, 150)),
+                     fill=tuple(rng.randrange(256) for _ in range(3)))
+    for _ in range(35):  # texture, so the JPEGs weigh what photos do
+        x, y = rng.randrange(width), rng.randrange(height)
+        draw.line((x, y, x + rng.randint(-60, 60), y + rng.randint(-60, 60)),
+                  fill=tuple(rng.randrange(256) for _ in range(3)), width=2)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
 def cc3m_like_zip(folder: str, count: int, seed: int = 0) -> str:
     """A zip of small JPEGs like CC3M's (about 11 KB each): smooth gradients with a few shapes."""
     rng = random.Random(seed)
     path = os.path.join(folder, "images.zip")
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
         for i in range(count):
-            width, height = rng.choice([(400, 300), (300, 400), (500, 333), (333, 500)])
-            image = Image.linear_gradient("L").resize((width, height)).convert("RGB")
-            draw = ImageDraw.Draw(image)
-            for _ in range(4):
-                x, y = rng.randrange(width), rng.randrange(height)
-                draw.ellipse((x, y, x + rng.randint(20, 150), y + rng.randint(20, 150)),
-                             fill=tuple(rng.randrange(256) for _ in range(3)))
-            for _ in range(35):  # texture, so the JPEGs weigh what photos do
-                x, y = rng.randrange(width), rng.randrange(height)
-                draw.line((x, y, x + rng.randint(-60, 60), y + rng.randint(-60, 60)),
-                          fill=tuple(rng.randrange(256) for _ in range(3)), width=2)
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=75)
-            archive.writestr(f"GCC_train_{i:09d}.jpg", buffer.getvalue())
+            archive.writestr(f"GCC_train_{i:09d}.jpg", cc3m_like_jpeg(rng))
     return path
+
+
+CC3M_ENTRIES = 595_375
+
+
+def make_scale_set(folder: str, num_entries: int, num_images: int = CC3M_ENTRIES, seed: int = 0) -> dict:
+    """A synthetic set shaped like LLaVA-CC3M-Pretrain-595K, made once under `folder` and reused:
+    images.zip (num_images ZIP_STORED JPEGs of about 14.5 KB, 8.6 GB; 512 distinct ones repeat, to spare the CPU) and
+    chat_<num_entries>.json (entry i shows image i mod num_images, so 5M entries reuse the 595K images)."""
+    os.makedirs(folder, exist_ok=True)
+    rng = random.Random(seed)
+    zip_path, json_path = os.path.join(folder, "images.zip"), os.path.join(folder, f"chat_{num_entries}.json")
+    if not os.path.isfile(zip_path):
+        pool = [cc3m_like_jpeg(rng, quality=85) for _ in range(512)]
+        with zipfile.ZipFile(zip_path + ".tmp", "w", zipfile.ZIP_STORED) as archive:
+            for i in range(num_images):
+                archive.writestr(f"GCC_train_{i:09d}.jpg", pool[i % len(pool)])
+        os.replace(zip_path + ".tmp", zip_path)
+    if not os.path.isfile(json_path):
+        rng = random.Random(seed + 1)
+        with open(json_path + ".tmp", "w") as f:  # written entry by entry: 5M entries never sit in memory
+            f.write("[")
+            for i in range(num_entries):
+                instruction = rng.choice(INSTRUCTIONS)
+                human = f"{instruction}\n<image>" if rng.random() < 0.5 else f"<image>\n{instruction}"
+                caption = " ".join(rng.choices(CAPTION_WORDS, k=rng.randint(6, 14))) + " ."
+                entry = {"id": f"GCC_train_{i:09d}", "image": f"GCC_train_{i % num_images:09d}.jpg",
+                         "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}]}
+                f.write(("," if i else "") + json.dumps(entry))
+            f.write("]")
+        os.replace(json_path + ".tmp", json_path)
+    return {"data_path": json_path, "image_root": zip_path}
 
 
 def bench_data(args, tokenizer) -> list[dict]:

@@ -245,14 +245,16 @@ class TinyVLM(nn.Module):
 
     def prompt_batch(self, images: list, prompts) -> dict:
         """Left-padded generation prompts, built exactly as in training (Processor), on this model's device:
-        `images` are PIL images (None for a text-only prompt), `prompts` one string for all or one per image."""
+        `images` holds per prompt a PIL image, a list of them (several images, placed where the prompt's <image>
+        markers are, else first) or None (text only); `prompts` is one string for all or one per image."""
         prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
         if len(prompts) != len(images):
             raise ValueError(f"got {len(images)} images and {len(prompts)} prompts")
         samples = []
         for image, prompt in zip(images, prompts):
-            input_ids = self.processor.encode_prompt(self.processor.prompt_messages(prompt, image is not None))
-            pixels = None if image is None else self.processor.image_to_pixels(image)
+            images_of_prompt = list(image) if isinstance(image, (list, tuple)) else [] if image is None else [image]
+            input_ids = self.processor.encode_prompt(self.processor.prompt_messages(prompt, len(images_of_prompt)))
+            pixels = self.processor.images_to_pixels(images_of_prompt)  # None, (3, H, W) or (k, 3, H, W)
             samples.append({"input_ids": input_ids, "labels": [IGNORE_INDEX] * len(input_ids), "pixels": pixels})
         batch = collate(samples, self.processor.tokenizer.pad_token_id, padding_side="left")
         device = self.pixel_mean.device
