@@ -2,6 +2,7 @@
   python bench.py                          # real sizes (SigLIP-base-224, SmolLM2-135M, default projector)
   python bench.py --tiny                   # tiny models: checks the script in seconds
   python bench.py --parts train --batch_size 64 --json bench.json
+  python bench.py --parts data_scale       # loader memory and start-up on CC3M-size and 5M-entry synthetic sets
 Models are built from configs with random weights, so nothing is downloaded (a tokenizer is read from the
 demo's folder, or --tokenizer). Prints a table per part and writes everything to --json.
 """
@@ -372,6 +373,71 @@ def bench_data(args, tokenizer) -> list[dict]:
     return rows
 
 
+def tree_pss_mb(pids: list[int]) -> float:
+    """Proportional set size of these processes together, in MB: each shared page counts once in all."""
+    total_kb = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            total_kb += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+    return total_kb / 1024
+
+
+def scale_child(data_path: str, image_root: str, workers: int, batches: int) -> dict:
+    """One start-up of the training input pipeline, in a fresh process: open the data (building its caches if
+    they are missing), split it, start a DataLoader like main.py's, time the first batch, then measure the
+    memory of the main process and its workers after `batches` more batches."""
+    from functools import partial
+
+    from data import Processor, StreamSampler, ignore_sigint_in_worker, open_data, split_entries
+    tokenizer = AutoTokenizer.from_pretrained(LANGUAGE_MODEL_DIR)
+    processor = Processor(tokenizer, SIGLIP_PREPROCESSING, "<image>", 49)
+    defaults = VLMConfig()
+    start = time.perf_counter()
+    entries, images, skipped, _ = open_data(data_path, image_root, require_image=True)
+    train, _ = split_entries(entries, defaults.val_size, defaults.seed)
+    dataset = LLaVADataset(train, images, processor, defaults.max_length)
+    opened = time.perf_counter() - start
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=64, sampler=StreamSampler(len(train), defaults.seed, 0, 64), num_workers=workers,
+        collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id), worker_init_fn=ignore_sigint_in_worker,
+        persistent_workers=workers > 0)
+    batch_iterator = iter(loader)
+    first = next(batch_iterator)
+    first_batch = time.perf_counter() - start
+    for _ in range(batches):
+        next(batch_iterator)
+    pids = [os.getpid()] + [w.pid for w in getattr(batch_iterator, "_workers", [])]
+    return {"entries": len(train), "workers": workers, "open_s": opened, "first_batch_s": first_batch,
+            "pss_mb": tree_pss_mb(pids), "main_pss_mb": tree_pss_mb(pids[:1]), "skipped": dict(skipped),
+            "first_batch_size": len(first["input_ids"])}
+
+
+def bench_data_scale(args) -> list[dict]:
+    """Memory and start-up time of the input pipeline on CC3M-scale synthetic data (made under --scale_dir
+    the first time) and on a 5M-entry set of the same images: by default a cold start (caches deleted) with 8
+    workers, then warm starts with 1 and 8 workers, each in a fresh process."""
+    import shutil
+    import subprocess
+    import sys
+
+    rows = []
+    for num_entries in (int(n) for n in args.scale_entries.split(",")):
+        paths = make_scale_set(args.scale_dir, num_entries)
+        for cache, workers in (run.split(":") for run in args.scale_runs.split(",")):
+            if cache == "cold":
+                shutil.rmtree(os.path.join(args.scale_dir, ".tinyvlm_cache"), ignore_errors=True)
+            command = [sys.executable, os.path.abspath(__file__), "--scale_child",
+                       json.dumps([paths["data_path"], paths["image_root"], int(workers), args.scale_batches])]
+            result = subprocess.run(command, capture_output=True, text=True, check=True)
+            row = {"set": f"{num_entries:,} entries", "cache": cache, **json.loads(result.stdout.splitlines()[-1])}
+            rows.append(row)
+            print(row, flush=True)
+        warm = sorted((r["workers"], r["pss_mb"]) for r in rows if r["cache"] == "warm" and r["set"] == row["set"])
+        if len(warm) >= 2:  # the memory one more worker adds, between the fewest and the most workers run
+            rows[-1]["per_extra_worker_mb"] = (warm[-1][1] - warm[0][1]) / (warm[-1][0] - warm[0][0])
+    return rows
+
+
 @torch.no_grad()
 def generate_without_cache(model: TinyVLM, images: list, prompt: str, new_tokens: int) -> list[str]:
     """Greedy decoding that runs the whole sequence through the LM for every new token: the cost the KV cache
@@ -423,7 +489,8 @@ def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
     print(f"\n{title}")
     print(" | ".join(columns))
     for row in rows:
-        print(" | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns))
+        print(" | ".join(f"{row.get(c, ''):.3g}" if isinstance(row.get(c), float) else str(row.get(c, ""))
+                         for c in columns))
 
 
 def cc3m_projection(train_rows: list[dict], mfu: float, dollars_per_hour: float) -> dict:
@@ -452,8 +519,17 @@ def main():
     parser.add_argument("--tokenizer", default=None, help="default: the demo's SmolLM2 folder, else the hub id")
     parser.add_argument("--a40_mfu", type=float, default=0.4, help="MFU assumed for the A40 projection")
     parser.add_argument("--a40_dollars_per_hour", type=float, default=0.44)
+    parser.add_argument("--scale_dir", default="data/scale", help="where data_scale makes its synthetic sets")
+    parser.add_argument("--scale_entries", default=f"{CC3M_ENTRIES},5000000")
+    parser.add_argument("--scale_batches", type=int, default=20, help="batches of 64 before memory is measured")
+    parser.add_argument("--scale_runs", default="cold:8,warm:1,warm:8",
+                        help="cache:workers per start-up; cold deletes the caches first")
+    parser.add_argument("--scale_child", help=argparse.SUPPRESS)  # one data_scale start-up, in its own process
     parser.add_argument("--json", default="bench.json")
     args = parser.parse_args()
+    if args.scale_child:
+        print(json.dumps(scale_child(*json.loads(args.scale_child))))
+        return
     transformers.utils.logging.disable_progress_bar()
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -482,6 +558,11 @@ def main():
         report["data"] = bench_data(args, tokenizer)
         print_table("data pipeline (zip -> decode -> resize -> tokenize -> collate)", report["data"],
                     ["workers", "images_per_s", "jpeg_kb"])
+    if "data_scale" in parts:
+        report["data_scale"] = bench_data_scale(args)
+        print_table("input pipeline at scale (main process + workers, proportional set size)", report["data_scale"],
+                    ["set", "cache", "workers", "open_s", "first_batch_s", "pss_mb", "main_pss_mb",
+                     "per_extra_worker_mb"])
     if "generate" in parts:
         report["generate"] = bench_generate(args, tokenizer, device, dtype)
         print_table(f"generation ({args.new_tokens} new tokens per image)", report["generate"],

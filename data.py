@@ -121,11 +121,13 @@ class ImageZip:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image zip not found: {path}")
         self.path = path
-        self._index, self._fd, self._pid = None, None, None
+        self._index = zip_index(path)  # built here, in the main process, so workers never race to build it
+        self._fd, self._pid = None, None
 
     def _open(self):
         if self._fd is None or self._pid != os.getpid():
-            self._index, self._fd, self._pid = zip_index(self.path), os.open(self.path, os.O_RDONLY), os.getpid()
+            self._index = self._index or zip_index(self.path)  # a spawned worker maps the cached index itself
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
         return self._index
 
     def read(self, name: str) -> bytes:
@@ -140,7 +142,7 @@ class ImageZip:
         """The bytes of member `name`, or None if there is none. A 64-bit name hash finds the candidates; the
         name in the member's local header confirms the match, so a hash collision cannot return another file."""
         hashes = index["hashes"]
-        key = name_hash(name)
+        key = np.uint64(name_hash(name))
         for row in range(np.searchsorted(hashes, key, "left"), np.searchsorted(hashes, key, "right")):
             offset, compressed_size, crc, method = (int(v) for v in index["members"][row])
             header = os.pread(self._fd, 30, offset)
@@ -191,8 +193,8 @@ def zip_index(path: str) -> dict:
         return {"prefix": top_folders.pop() + "/" if one_folder else "", "members": len(infos)}
 
     files, meta = cached([path], "zipindex", ("hashes.npy", "members.npy"), build)
-    return {"hashes": np.load(files["hashes.npy"], mmap_mode="r"), "members": np.load(files["members.npy"], mmap_mode="r"),
-            "prefix": meta["prefix"]}
+    return {"hashes": np.load(files["hashes.npy"], mmap_mode="r"), "prefix": meta["prefix"],
+            "members": np.load(files["members.npy"], mmap_mode="r")}
 
 
 def open_image_source(path: str):
@@ -324,7 +326,9 @@ def split_entries(entries, val_size: int, seed: int) -> tuple:
         raise ValueError(f"val_size={val_size} must be between 1 and the number of entries - 1 ({len(entries) - 1})")
     order = torch.randperm(len(entries), generator=torch.Generator().manual_seed(seed)).numpy()
     val = np.sort(order[:val_size])
-    train = np.setdiff1d(np.arange(len(entries)), val)  # the others, in their original order
+    held_out = np.zeros(len(entries), dtype=bool)
+    held_out[val] = True
+    train = np.flatnonzero(~held_out)  # the others, in their original order
     if isinstance(entries, list):
         return [entries[i] for i in train], [entries[i] for i in val]
     return entries.select(train), entries.select(val)
@@ -493,7 +497,8 @@ def image_references(column, name: str, first_row: int) -> list:
 
     is_list = pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
     images = column.flatten() if is_list else column
-    lengths = column.value_lengths().to_pylist() if is_list else [1 if v else None for v in column.is_valid().to_pylist()]
+    lengths = (column.value_lengths().to_pylist() if is_list
+               else [1 if valid else None for valid in column.is_valid().to_pylist()])
     fields = dict(zip([field.name for field in images.type], images.flatten()))
     has_bytes, paths = fields["bytes"].is_valid().to_pylist(), fields["path"].to_pylist()
     references, k = [], 0
