@@ -373,13 +373,21 @@ def bench_data(args, tokenizer) -> list[dict]:
     return rows
 
 
-def tree_pss_mb(pids: list[int]) -> float:
-    """Proportional set size of these processes together, in MB: each shared page counts once in all."""
+def tree_pss_mb(pids: list[int], field: str = "Pss") -> float:
+    """Proportional set size of these processes together, in MB: each shared page counts once in all.
+    field: Pss, or its part Pss_Anon (private heap), Pss_File (mapped files) or Pss_Shmem (batches in flight)."""
     total_kb = 0
     for pid in pids:
         with open(f"/proc/{pid}/smaps_rollup") as f:
-            total_kb += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+            total_kb += next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
     return total_kb / 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (/proc/PID/stat): on a shared machine, the work done."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def scale_child(data_path: str, image_root: str, workers: int, batches: int) -> dict:
@@ -392,11 +400,11 @@ def scale_child(data_path: str, image_root: str, workers: int, batches: int) -> 
     tokenizer = AutoTokenizer.from_pretrained(LANGUAGE_MODEL_DIR)
     processor = Processor(tokenizer, SIGLIP_PREPROCESSING, "<image>", 49)
     defaults = VLMConfig()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     entries, images, skipped, _ = open_data(data_path, image_root, require_image=True)
     train, _ = split_entries(entries, defaults.val_size, defaults.seed)
     dataset = LLaVADataset(train, images, processor, defaults.max_length)
-    opened = time.perf_counter() - start
+    opened, open_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=64, sampler=StreamSampler(len(train), defaults.seed, 0, 64), num_workers=workers,
         collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id), worker_init_fn=ignore_sigint_in_worker,
@@ -404,11 +412,15 @@ def scale_child(data_path: str, image_root: str, workers: int, batches: int) -> 
     batch_iterator = iter(loader)
     first = next(batch_iterator)
     first_batch = time.perf_counter() - start
+    worker_pids = [w.pid for w in getattr(batch_iterator, "_workers", [])]
+    cpu_to_first_batch = time.process_time() - cpu_start + sum(cpu_seconds(pid) for pid in worker_pids)
     for _ in range(batches):
         next(batch_iterator)
-    pids = [os.getpid()] + [w.pid for w in getattr(batch_iterator, "_workers", [])]
+    pids = [os.getpid()] + worker_pids
     return {"entries": len(train), "workers": workers, "open_s": opened, "first_batch_s": first_batch,
+            "open_cpu_s": open_cpu, "first_batch_cpu_s": cpu_to_first_batch,
             "pss_mb": tree_pss_mb(pids), "main_pss_mb": tree_pss_mb(pids[:1]), "skipped": dict(skipped),
+            **{f"{part.lower()}_mb": tree_pss_mb(pids, part) for part in ("Pss_Anon", "Pss_File", "Pss_Shmem")},
             "first_batch_size": len(first["input_ids"])}
 
 
@@ -561,8 +573,8 @@ def main():
     if "data_scale" in parts:
         report["data_scale"] = bench_data_scale(args)
         print_table("input pipeline at scale (main process + workers, proportional set size)", report["data_scale"],
-                    ["set", "cache", "workers", "open_s", "first_batch_s", "pss_mb", "main_pss_mb",
-                     "per_extra_worker_mb"])
+                    ["set", "cache", "workers", "open_s", "open_cpu_s", "first_batch_s", "first_batch_cpu_s",
+                     "pss_mb", "main_pss_mb", "pss_anon_mb", "pss_file_mb", "pss_shmem_mb", "per_extra_worker_mb"])
     if "generate" in parts:
         report["generate"] = bench_generate(args, tokenizer, device, dtype)
         print_table(f"generation ({args.new_tokens} new tokens per image)", report["generate"],

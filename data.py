@@ -36,7 +36,7 @@ def cache_folder(source: str) -> str:
     """Beside `source`, or when that folder is read-only, in $TINYVLM_CACHE (default ~/.cache/tinyvlm)."""
     source = os.path.abspath(source)
     folder = os.path.join(os.path.dirname(source), ".tinyvlm_cache")
-    if os.path.isdir(folder) and os.access(folder, os.W_OK) or os.access(os.path.dirname(source), os.W_OK):
+    if os.access(folder if os.path.isdir(folder) else os.path.dirname(source), os.W_OK):
         return folder
     fallback = os.environ.get("TINYVLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tinyvlm")
     return os.path.join(fallback, hashlib.sha1(source.encode()).hexdigest()[:16])
