@@ -3,6 +3,7 @@
   python bench.py --suite gpu --tiny                # the same code with tiny models, on a CPU, in a minute or two
   python bench.py                                   # step variants, stage-2 memory, data, generation (real sizes)
   python bench.py --parts train --batch_size 64 --json bench.json
+  python bench.py --parts data_scale       # loader memory and start-up on CC3M-size and 5M-entry synthetic sets
 Models are built from configs with random weights and the tokenizer is assets/smollm2-tokenizer, so nothing is
 downloaded and only torch, transformers, pillow, safetensors, numpy and tqdm are needed. Prints a table per
 part and writes everything to --json.
@@ -293,27 +294,64 @@ def bench_finetune(args, tokenizer, device, dtype) -> list[dict]:
     return rows
 
 
+def cc3m_like_jpeg(rng: random.Random, quality: int = 75) -> bytes:
+    """A JPEG like CC3M's (about 12 KB; 14.5 KB at quality 85): a smooth gradient, a few shapes, texture."""
+    width, height = rng.choice([(400, 300), (300, 400), (500, 333), (333, 500)])
+    image = Image.linear_gradient("L").resize((width, height)).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    for _ in range(4):
+        x, y = rng.randrange(width), rng.randrange(height)
+        draw.ellipse((x, y, x + rng.randint(20, 150), y + rng.randint(20, 150)),
+                     fill=tuple(rng.randrange(256) for _ in range(3)))
+    for _ in range(35):  # texture, so the JPEGs weigh what photos do
+        x, y = rng.randrange(width), rng.randrange(height)
+        draw.line((x, y, x + rng.randint(-60, 60), y + rng.randint(-60, 60)),
+                  fill=tuple(rng.randrange(256) for _ in range(3)), width=2)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
 def cc3m_like_zip(folder: str, count: int, seed: int = 0) -> str:
     """A zip of small JPEGs like CC3M's (about 11 KB each): smooth gradients with a few shapes."""
     rng = random.Random(seed)
     path = os.path.join(folder, "images.zip")
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
         for i in range(count):
-            width, height = rng.choice([(400, 300), (300, 400), (500, 333), (333, 500)])
-            image = Image.linear_gradient("L").resize((width, height)).convert("RGB")
-            draw = ImageDraw.Draw(image)
-            for _ in range(4):
-                x, y = rng.randrange(width), rng.randrange(height)
-                draw.ellipse((x, y, x + rng.randint(20, 150), y + rng.randint(20, 150)),
-                             fill=tuple(rng.randrange(256) for _ in range(3)))
-            for _ in range(35):  # texture, so the JPEGs weigh what photos do
-                x, y = rng.randrange(width), rng.randrange(height)
-                draw.line((x, y, x + rng.randint(-60, 60), y + rng.randint(-60, 60)),
-                          fill=tuple(rng.randrange(256) for _ in range(3)), width=2)
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=75)
-            archive.writestr(f"GCC_train_{i:09d}.jpg", buffer.getvalue())
+            archive.writestr(f"GCC_train_{i:09d}.jpg", cc3m_like_jpeg(rng))
     return path
+
+
+CC3M_ENTRIES = 595_375
+
+
+def make_scale_set(folder: str, num_entries: int, num_images: int = CC3M_ENTRIES, seed: int = 0) -> dict:
+    """A synthetic set shaped like LLaVA-CC3M-Pretrain-595K, made once under `folder` and reused:
+    images.zip (num_images ZIP_STORED JPEGs of about 14.5 KB, 8.6 GB; 512 distinct ones repeat, to spare the CPU) and
+    chat_<num_entries>.json (entry i shows image i mod num_images, so 5M entries reuse the 595K images)."""
+    os.makedirs(folder, exist_ok=True)
+    rng = random.Random(seed)
+    zip_path, json_path = os.path.join(folder, "images.zip"), os.path.join(folder, f"chat_{num_entries}.json")
+    if not os.path.isfile(zip_path):
+        pool = [cc3m_like_jpeg(rng, quality=85) for _ in range(512)]
+        with zipfile.ZipFile(zip_path + ".tmp", "w", zipfile.ZIP_STORED) as archive:
+            for i in range(num_images):
+                archive.writestr(f"GCC_train_{i:09d}.jpg", pool[i % len(pool)])
+        os.replace(zip_path + ".tmp", zip_path)
+    if not os.path.isfile(json_path):
+        rng = random.Random(seed + 1)
+        with open(json_path + ".tmp", "w") as f:  # written entry by entry: 5M entries never sit in memory
+            f.write("[")
+            for i in range(num_entries):
+                instruction = rng.choice(INSTRUCTIONS)
+                human = f"{instruction}\n<image>" if rng.random() < 0.5 else f"<image>\n{instruction}"
+                caption = " ".join(rng.choices(CAPTION_WORDS, k=rng.randint(6, 14))) + " ."
+                entry = {"id": f"GCC_train_{i:09d}", "image": f"GCC_train_{i % num_images:09d}.jpg",
+                         "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}]}
+                f.write(("," if i else "") + json.dumps(entry))
+            f.write("]")
+        os.replace(json_path + ".tmp", json_path)
+    return {"data_path": json_path, "image_root": zip_path}
 
 
 def bench_data(args, tokenizer, worker_counts=None, repeats: int = 1, images_per_worker: int = 0) -> list[dict]:
@@ -348,6 +386,83 @@ def bench_data(args, tokenizer, worker_counts=None, repeats: int = 1, images_per
             seconds = time.perf_counter() - start
             rows.append({"workers": workers, "images_per_s": count / seconds, "jpeg_kb": mean_kb,
                          "images": count + len(first["input_ids"])})
+    return rows
+
+
+def tree_pss_mb(pids: list[int], field: str = "Pss") -> float:
+    """Proportional set size of these processes together, in MB: each shared page counts once in all.
+    field: Pss, or its part Pss_Anon (private heap), Pss_File (mapped files) or Pss_Shmem (batches in flight)."""
+    total_kb = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            total_kb += next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    return total_kb / 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (/proc/PID/stat): on a shared machine, the work done."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scale_child(data_path: str, image_root: str, workers: int, batches: int) -> dict:
+    """One start-up of the training input pipeline, in a fresh process: open the data (building its caches if
+    they are missing), split it, start a DataLoader like main.py's, time the first batch, then measure the
+    memory of the main process and its workers after `batches` more batches."""
+    from functools import partial
+
+    from data import Processor, StreamSampler, ignore_sigint_in_worker, open_data, split_entries
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    processor = Processor(tokenizer, SIGLIP_PREPROCESSING, "<image>", 49)
+    defaults = VLMConfig()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    entries, images, skipped, _ = open_data(data_path, image_root, require_image=True)
+    train, _ = split_entries(entries, defaults.val_size, defaults.seed)
+    dataset = LLaVADataset(train, images, processor, defaults.max_length)
+    opened, open_cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=64, sampler=StreamSampler(len(train), defaults.seed, 0, 64), num_workers=workers,
+        collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id), worker_init_fn=ignore_sigint_in_worker,
+        persistent_workers=workers > 0)
+    batch_iterator = iter(loader)
+    first = next(batch_iterator)
+    first_batch = time.perf_counter() - start
+    worker_pids = [w.pid for w in getattr(batch_iterator, "_workers", [])]
+    cpu_to_first_batch = time.process_time() - cpu_start + sum(cpu_seconds(pid) for pid in worker_pids)
+    for _ in range(batches):
+        next(batch_iterator)
+    pids = [os.getpid()] + worker_pids
+    return {"entries": len(train), "workers": workers, "open_s": opened, "first_batch_s": first_batch,
+            "open_cpu_s": open_cpu, "first_batch_cpu_s": cpu_to_first_batch,
+            "pss_mb": tree_pss_mb(pids), "main_pss_mb": tree_pss_mb(pids[:1]), "skipped": dict(skipped),
+            **{f"{part.lower()}_mb": tree_pss_mb(pids, part) for part in ("Pss_Anon", "Pss_File", "Pss_Shmem")},
+            "first_batch_size": len(first["input_ids"])}
+
+
+def bench_data_scale(args) -> list[dict]:
+    """Memory and start-up time of the input pipeline on CC3M-scale synthetic data (made under --scale_dir
+    the first time) and on a 5M-entry set of the same images: by default a cold start (caches deleted) with 8
+    workers, then warm starts with 1 and 8 workers, each in a fresh process."""
+    import shutil
+    import subprocess
+    import sys
+
+    rows = []
+    for num_entries in (int(n) for n in args.scale_entries.split(",")):
+        paths = make_scale_set(args.scale_dir, num_entries)
+        for cache, workers in (run.split(":") for run in args.scale_runs.split(",")):
+            if cache == "cold":
+                shutil.rmtree(os.path.join(args.scale_dir, ".tinyvlm_cache"), ignore_errors=True)
+            command = [sys.executable, os.path.abspath(__file__), "--scale_child",
+                       json.dumps([paths["data_path"], paths["image_root"], int(workers), args.scale_batches])]
+            result = subprocess.run(command, capture_output=True, text=True, check=True)
+            row = {"set": f"{num_entries:,} entries", "cache": cache, **json.loads(result.stdout.splitlines()[-1])}
+            rows.append(row)
+            print(row, flush=True)
+        warm = sorted((r["workers"], r["pss_mb"]) for r in rows if r["cache"] == "warm" and r["set"] == row["set"])
+        if len(warm) >= 2:  # the memory one more worker adds, between the fewest and the most workers run
+            rows[-1]["per_extra_worker_mb"] = (warm[-1][1] - warm[0][1]) / (warm[-1][0] - warm[0][0])
     return rows
 
 
@@ -836,7 +951,8 @@ def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
     print(f"\n{title}")
     print(" | ".join(columns))
     for row in rows:
-        print(" | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns))
+        print(" | ".join(f"{row.get(c, ''):.3g}" if isinstance(row.get(c), float) else str(row.get(c, ""))
+                         for c in columns))
 
 
 def cc3m_projection(train_rows: list[dict], mfu: float, dollars_per_hour: float) -> dict:
@@ -874,8 +990,17 @@ def main() -> int:
     parser.add_argument("--tokenizer", default=TOKENIZER_DIR, help="SmolLM2-135M-Instruct's, shipped in assets/")
     parser.add_argument("--a40_mfu", type=float, default=0.4, help="MFU assumed for the A40 projection")
     parser.add_argument("--a40_dollars_per_hour", type=float, default=0.44)
+    parser.add_argument("--scale_dir", default="data/scale", help="where data_scale makes its synthetic sets")
+    parser.add_argument("--scale_entries", default=f"{CC3M_ENTRIES},5000000")
+    parser.add_argument("--scale_batches", type=int, default=20, help="batches of 64 before memory is measured")
+    parser.add_argument("--scale_runs", default="cold:8,warm:1,warm:8",
+                        help="cache:workers per start-up; cold deletes the caches first")
+    parser.add_argument("--scale_child", help=argparse.SUPPRESS)  # one data_scale start-up, in its own process
     parser.add_argument("--json", default="bench.json")
     args = parser.parse_args()
+    if args.scale_child:
+        print(json.dumps(scale_child(*json.loads(args.scale_child))))
+        return
     transformers.utils.logging.disable_progress_bar()
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -919,6 +1044,11 @@ def main() -> int:
         print_table("padded, length-grouped and packed micro-batches", report["packing"],
                     ["stage", "layout", "real_token_share", "timed_batch", "micro_batches_per_step",
                      "timed_real_token_share", "tokens_per_s", "speedup"])
+    if "data_scale" in parts:
+        report["data_scale"] = bench_data_scale(args)
+        print_table("input pipeline at scale (main process + workers, proportional set size)", report["data_scale"],
+                    ["set", "cache", "workers", "open_s", "open_cpu_s", "first_batch_s", "first_batch_cpu_s",
+                     "pss_mb", "main_pss_mb", "pss_anon_mb", "pss_file_mb", "pss_shmem_mb", "per_extra_worker_mb"])
     if "generate" in parts:
         report["generate"] = bench_generate(args, tokenizer, device, dtype)
         print_table(f"generation ({args.new_tokens} new tokens per image)", report["generate"],

@@ -4,11 +4,16 @@ Used by main.py (training), generate.py (inference) and eval.py; `Processor` is 
 image and a conversation become tensors, so training and inference prompts cannot drift apart.
 """
 
+import glob
+import hashlib
 import io
 import json
 import os
 import signal
+import struct
 import zipfile
+import zlib
+from array import array
 from collections import Counter
 from itertools import count
 
@@ -20,6 +25,52 @@ from torch.utils.data import Dataset, Sampler
 IGNORE_INDEX = -100  # label of a token that carries no loss
 IMAGE_MARKER = "<image>"  # where LLaVA data puts the image in a human turn
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+CACHE_FORMAT = 1  # bump when a cache's layout changes: old caches are then rebuilt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Caches beside the data: built once, reused by every later run and shared by every process
+
+
+def cache_folder(source: str) -> str:
+    """Beside `source`, or when that folder is read-only, in $TINYVLM_CACHE (default ~/.cache/tinyvlm)."""
+    source = os.path.abspath(source)
+    folder = os.path.join(os.path.dirname(source), ".tinyvlm_cache")
+    if os.access(folder if os.path.isdir(folder) else os.path.dirname(source), os.W_OK):
+        return folder
+    fallback = os.environ.get("TINYVLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tinyvlm")
+    return os.path.join(fallback, hashlib.sha1(source.encode()).hexdigest()[:16])
+
+
+def source_stamp(sources: list[str]) -> list:
+    """What identifies the sources' contents cheaply: a changed file (size or modification time) rebuilds."""
+    return [CACHE_FORMAT] + [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in sources]
+
+
+def cached(sources: list[str], kind: str, names: tuple, build) -> tuple[dict, dict]:
+    """The paths of cache files `names` (each with its extension) derived from `sources`, and their metadata.
+    build(paths) writes them and returns the metadata; it runs when the cache is missing or stale. Files are
+    written under temporary names and renamed, the metadata last, so a crash never leaves a half cache."""
+    folder = cache_folder(sources[0])
+    os.makedirs(folder, exist_ok=True)
+    prefix = os.path.join(folder, f"{os.path.basename(sources[0])}.{kind}")
+    paths = {name: f"{prefix}.{name}" for name in names}
+    stamp = source_stamp(sources)
+    try:
+        with open(f"{prefix}.json") as f:
+            meta = json.load(f)
+        if meta.get("source") == stamp and all(os.path.isfile(p) for p in paths.values()):
+            return paths, meta
+    except (OSError, ValueError):
+        pass
+    temporary = {name: f"{prefix}.tmp{os.getpid()}.{name}" for name in names}
+    meta = {**build(temporary), "source": stamp}
+    for name in names:
+        os.replace(temporary[name], paths[name])
+    with open(f"{prefix}.tmp{os.getpid()}.json", "w") as f:
+        json.dump(meta, f)
+    os.replace(f"{prefix}.tmp{os.getpid()}.json", f"{prefix}.json")
+    return paths, meta
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -51,6 +102,8 @@ class ImageFolder:
         self.root = root
 
     def read(self, name: str) -> bytes:
+        if escapes_root(name):
+            raise FileNotFoundError(f"{name} is outside {self.root}: not read")
         with open(os.path.join(self.root, name), "rb") as f:
             return f.read()
 
@@ -58,8 +111,9 @@ class ImageFolder:
 class ImageZip:
     """Images read straight from a zip file (LLaVA's images.zip) without unpacking it.
 
-    Each process opens its own handle on first use: a ZipFile shared across DataLoader workers would have
-    them seek the same file descriptor under each other. Names may be stored under one top-level folder
+    The zip's central directory is read once and kept as a small index beside it (zip_index); every process
+    then reads a member's bytes with os.pread on its own descriptor, so DataLoader workers share the index
+    pages instead of each parsing 595K member records. Names may be stored under one top-level folder
     (images/GCC_train_x.jpg) while chat.json says GCC_train_x.jpg; both resolve.
     """
 
@@ -67,31 +121,80 @@ class ImageZip:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image zip not found: {path}")
         self.path = path
-        self._zip, self._pid, self._prefix = None, None, ""
+        self._index = zip_index(path)  # built here, in the main process, so workers never race to build it
+        self._fd, self._pid = None, None
 
-    def _open(self) -> zipfile.ZipFile:
-        if self._zip is None or self._pid != os.getpid():
-            self._zip, self._pid = zipfile.ZipFile(self.path), os.getpid()
-            names = [n for n in self._zip.namelist() if not n.endswith("/")]
-            top_folders = {n.split("/", 1)[0] for n in names}
-            if len(top_folders) == 1 and all("/" in n for n in names):
-                self._prefix = top_folders.pop() + "/"
-        return self._zip
+    def _open(self):
+        if self._fd is None or self._pid != os.getpid():
+            self._index = self._index or zip_index(self.path)  # a spawned worker maps the cached index itself
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._index
 
     def read(self, name: str) -> bytes:
-        archive = self._open()
-        try:
-            return archive.read(name)
-        except KeyError:
-            if not self._prefix:
-                raise FileNotFoundError(f"{name} is not in {self.path}") from None
-        try:
-            return archive.read(self._prefix + name)
-        except KeyError:
-            raise FileNotFoundError(f"{name} is not in {self.path}") from None
+        index = self._open()
+        for candidate in (name, index["prefix"] + name) if index["prefix"] else (name,):
+            data = self._read_member(index, candidate)
+            if data is not None:
+                return data
+        raise FileNotFoundError(f"{name} is not in {self.path}")
 
-    def __getstate__(self):  # DataLoader workers get the path, never an open handle
-        return {**self.__dict__, "_zip": None, "_pid": None}
+    def _read_member(self, index: dict, name: str) -> bytes | None:
+        """The bytes of member `name`, or None if there is none. A 64-bit name hash finds the candidates; the
+        name in the member's local header confirms the match, so a hash collision cannot return another file."""
+        hashes = index["hashes"]
+        key = np.uint64(name_hash(name))
+        for row in range(np.searchsorted(hashes, key, "left"), np.searchsorted(hashes, key, "right")):
+            offset, compressed_size, crc, method = (int(v) for v in index["members"][row])
+            header = os.pread(self._fd, 30, offset)
+            if len(header) < 30 or header[:4] != b"PK\x03\x04":
+                raise OSError(f"{self.path}: bad local header for {name}")
+            flags, name_length, extra_length = struct.unpack("<H", header[6:8])[0], *struct.unpack("<HH", header[26:30])
+            stored_name = os.pread(self._fd, name_length, offset + 30)
+            if stored_name.decode("utf-8" if flags & 0x800 else "cp437") != name:
+                continue
+            data = os.pread(self._fd, compressed_size, offset + 30 + name_length + extra_length)
+            if flags & 0x1:
+                raise OSError(f"{name} in {self.path} is encrypted")
+            if method == zipfile.ZIP_DEFLATED:
+                data = zlib.decompress(data, -15)
+            elif method != zipfile.ZIP_STORED:
+                raise OSError(f"{name} in {self.path}: unsupported compression method {method}")
+            if zlib.crc32(data) != crc:
+                raise OSError(f"{name} in {self.path}: CRC mismatch (a corrupt zip?)")
+            return data
+        return None
+
+    def __getstate__(self):  # DataLoader workers get the path, never an open descriptor or mapped index
+        return {**self.__dict__, "_index": None, "_fd": None, "_pid": None}
+
+
+def name_hash(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+ZIP_MEMBER = np.dtype([("offset", "<i8"), ("compressed_size", "<i8"), ("crc", "<u4"), ("method", "<u2")])
+
+
+def zip_index(path: str) -> dict:
+    """A zip's members as two memory-mapped arrays, sorted by name hash: hashes (uint64) and members
+    (local header offset, compressed size, CRC, method); built from the central directory once, then cached."""
+    def build(files: dict) -> dict:
+        with zipfile.ZipFile(path) as archive:
+            infos = [info for info in archive.infolist() if not info.is_dir()]
+        hashes = np.array([name_hash(info.filename) for info in infos], dtype=np.uint64)
+        members = np.array([(i.header_offset, i.compress_size, i.CRC, i.compress_type) for i in infos],
+                           dtype=ZIP_MEMBER)
+        order = np.argsort(hashes, kind="stable")
+        np.save(files["hashes.npy"], hashes[order])
+        np.save(files["members.npy"], members[order])
+        names = [info.filename for info in infos]
+        top_folders = {n.split("/", 1)[0] for n in names}
+        one_folder = len(top_folders) == 1 and all("/" in n for n in names)
+        return {"prefix": top_folders.pop() + "/" if one_folder else "", "members": len(infos)}
+
+    files, meta = cached([path], "zipindex", ("hashes.npy", "members.npy"), build)
+    return {"hashes": np.load(files["hashes.npy"], mmap_mode="r"), "prefix": meta["prefix"],
+            "members": np.load(files["members.npy"], mmap_mode="r")}
 
 
 def open_image_source(path: str):
@@ -110,29 +213,71 @@ def decode_image(data: bytes) -> Image.Image:
 # LLaVA conversations
 
 
-def load_llava_json(path: str) -> list:
-    """The raw list of entries in a LLaVA-format JSON file (a list, or JSON lines)."""
+def iter_json_entries(path: str):
+    """The entries of a JSON list or JSON-lines file, one at a time: millions of entries never sit in memory
+    as Python objects all at once (only the file's text does, while it is read)."""
     try:
         with open(path, encoding="utf-8") as f:
             if path.endswith(".jsonl"):
-                entries = [json.loads(line) for line in f if line.strip()]
-            else:
-                entries = json.load(f)
+                for line in f:
+                    if line.strip():
+                        yield json.loads(line)
+                return
+            text = f.read()
+        decoder, position = json.JSONDecoder(), skip_space(text, 0)
+        if text[position:position + 1] != "[":
+            kind = type(json.loads(text)).__name__ if text.strip() else "nothing"
+            raise ValueError(f"expected a JSON list of entries, got {kind}")
+        position = skip_space(text, position + 1)
+        while text[position:position + 1] != "]":
+            entry, position = decoder.raw_decode(text, position)
+            yield entry
+            position = skip_space(text, position)
+            if text[position:position + 1] == ",":
+                position = skip_space(text, position + 1)
+            elif text[position:position + 1] != "]":
+                raise ValueError(f"expected , or ] at character {position}")
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot read LLaVA data file {path}: {error}") from error
-    if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected a JSON list of entries, got {type(entries).__name__}")
-    return entries
+
+
+def skip_space(text: str, position: int) -> int:
+    while text[position:position + 1] in (" ", "\n", "\r", "\t"):
+        position += 1
+    return position
+
+
+def load_llava_json(path: str) -> list:
+    """The raw list of entries in a LLaVA-format JSON file (a list, or JSON lines)."""
+    return list(iter_json_entries(path))
+
+
+def image_names(entry: dict) -> list | None:
+    """An entry's images as a list of names ("image": one name or a list of them; absent, empty or null:
+    none), or None when the field holds something else (a number, an object, a list of non-names)."""
+    images = entry.get("image")
+    if images is None or images == "" or images == []:
+        return []
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(name, str) and name for name in images):
+        return None
+    return images
+
+
+def escapes_root(name: str) -> bool:
+    """An absolute path, or one that climbs out of the image root with '..'."""
+    return name.startswith(("/", "\\")) or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/")
 
 
 def check_entry(entry, require_image: bool) -> str | None:
-    """Why a LLaVA entry cannot be trained on, or None if it is fine. Cheap: text only, no image I/O."""
+    """Why a LLaVA entry cannot be trained on, or None if it is fine. Cheap: text only, no image I/O.
+    "image" may list several images: the k-th goes to the k-th <image> marker, in any human turn."""
     if not isinstance(entry, dict) or not isinstance(entry.get("conversations"), list):
         return "malformed entry"
     turns = entry["conversations"]
     if not turns or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
         return "malformed entry"
-    if any(t.get("from") not in ROLES for t in turns):
+    if any(not isinstance(t.get("from"), str) or t["from"] not in ROLES for t in turns):
         return "unknown role"
     if next((t["from"] for t in turns if t["from"] != "system"), None) != "human":
         return "does not start with a human turn"
@@ -140,17 +285,21 @@ def check_entry(entry, require_image: bool) -> str | None:
         return "no assistant turn"
     if any(t["from"] == "gpt" and not t["value"].strip() for t in turns):
         return "empty caption"
+    images = image_names(entry)
+    if images is None:
+        return "image is not a path"
+    if any(escapes_root(name) for name in images):
+        return "image path outside image_root"
+    if any(IMAGE_MARKER in t["value"] for t in turns if t["from"] != "human"):
+        return "<image> outside a human turn"
     markers = sum(t["value"].count(IMAGE_MARKER) for t in turns)
-    has_image = bool(entry.get("image"))
-    if has_image and markers == 0:
+    if images and markers == 0:
         return "no <image> marker"
-    if markers > 1:
-        return "several <image> markers"
-    if not has_image and markers == 1:
+    if not images and markers:
         return "<image> marker without image"
-    if markers == 1 and IMAGE_MARKER not in next(t["value"] for t in turns if t["from"] == "human"):
-        return "<image> not in the first human turn"
-    if require_image and not has_image:
+    if markers != len(images):
+        return "<image> markers do not match the images"
+    if require_image and not images:
         return "no image"
     return None
 
@@ -170,14 +319,19 @@ def filter_entries(entries: list, require_image: bool) -> tuple[list, Counter, l
     return kept, skipped, examples
 
 
-def split_entries(entries: list, val_size: int, seed: int) -> tuple[list, list]:
-    """A seeded, fixed train/validation split: the same seed always holds out the same entries."""
+def split_entries(entries, val_size: int, seed: int) -> tuple:
+    """A seeded, fixed train/validation split: the same seed always holds out the same entries. Works on a
+    list (gives lists) and on an EntryStore (gives stores that share its memory-mapped entries)."""
     if not 0 < val_size < len(entries):
         raise ValueError(f"val_size={val_size} must be between 1 and the number of entries - 1 ({len(entries) - 1})")
-    order = torch.randperm(len(entries), generator=torch.Generator().manual_seed(seed)).tolist()
-    val = sorted(order[:val_size])
-    val_set = set(val)
-    return [e for i, e in enumerate(entries) if i not in val_set], [entries[i] for i in val]
+    order = torch.randperm(len(entries), generator=torch.Generator().manual_seed(seed)).numpy()
+    val = np.sort(order[:val_size])
+    held_out = np.zeros(len(entries), dtype=bool)
+    held_out[val] = True
+    train = np.flatnonzero(~held_out)  # the others, in their original order
+    if isinstance(entries, list):
+        return [entries[i] for i in train], [entries[i] for i in val]
+    return entries.select(train), entries.select(val)
 
 
 def first_question(entry: dict) -> str:
@@ -192,14 +346,17 @@ def first_answer(entry: dict) -> str | None:
 
 
 def to_messages(conversations: list, image_placeholder: str) -> list[dict]:
-    """LLaVA turns as chat-template messages: human/gpt become user/assistant; the <image> marker, before
-    or after the instruction, is removed and the image placeholder put first, as LLaVA does."""
+    """LLaVA turns as chat-template messages: human/gpt become user/assistant. A turn with one <image>
+    marker, before or after the instruction, has it removed and the image placeholder put first, as LLaVA
+    does; a turn with several (interleaved images) gets a placeholder at each marker, in place."""
     messages = []
     for turn in conversations:
         text = turn["value"].strip()
-        if IMAGE_MARKER in text:
+        if text.count(IMAGE_MARKER) == 1:
             instruction = text.replace(IMAGE_MARKER, "").strip()
             text = image_placeholder + ("\n" + instruction if instruction else "")
+        else:
+            text = text.replace(IMAGE_MARKER, image_placeholder)
         messages.append({"role": ROLES[turn["from"]], "content": text})
     return messages
 
@@ -229,6 +386,239 @@ def chat_turns(conversation: list[dict], with_image: bool) -> list[dict]:
         raise ValueError(f"{markers} {IMAGE_MARKER} markers for {int(with_image)} image: the one image goes in "
                          f"the first user turn")
     return turns
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Other schemas: the Cauldron's texts + images, chat messages; each row becomes a LLaVA entry
+
+
+def with_image_markers(text: str, num_images: int) -> str:
+    """The text with an <image> marker per image before it, unless it places its images itself."""
+    return text if IMAGE_MARKER in text else f"{IMAGE_MARKER}\n" * num_images + text
+
+
+def cauldron_turns(texts) -> list | None:
+    """The Cauldron's [{"user": ..., "assistant": ...}, ...] as LLaVA turns; None if it is not a list of dicts."""
+    if not isinstance(texts, list) or not all(isinstance(pair, dict) for pair in texts):
+        return None
+    return [{"from": role, "value": pair.get(key)} for pair in texts
+            for role, key in (("human", "user"), ("gpt", "assistant"))]
+
+
+def message_text(content) -> str | None:
+    """A chat message's content: a string, or a list of {"type": "text", "text": ...} and {"type": "image"}
+    parts (an image part becomes an <image> marker, parts are joined by newlines); None if malformed."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not all(isinstance(part, dict) for part in content):
+        return None
+    parts = [IMAGE_MARKER if part.get("type") == "image" else part.get("text") for part in content]
+    return "\n".join(parts) if all(isinstance(part, str) for part in parts) else None
+
+
+def message_turns(messages) -> list | None:
+    """Chat messages [{"role": "user" | "assistant" | "system", "content": ...}] as LLaVA turns."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return None
+    senders = {"user": "human", "assistant": "gpt", "system": "system"}
+    return [{"from": senders.get(m.get("role"), m.get("role")) if isinstance(m.get("role"), str) else None,
+             "value": message_text(m.get("content"))} for m in messages]
+
+
+def to_llava_entry(row) -> dict:
+    """A row in any supported schema as a LLaVA entry {"id", "image", "conversations"}: LLaVA's own
+    (conversations + image), the Cauldron's (texts + images) or chat messages (messages + images). Images of
+    the last two without markers go first, as the Cauldron and LLaVA do. Wrong types are left for
+    check_entry to name."""
+    if not isinstance(row, dict):
+        return row
+    images = row.get("image") if row.get("image") is not None else row.get("images")
+    entry = {"id": row.get("id"), "image": images}
+    if "conversations" in row:
+        return {**entry, "conversations": row["conversations"]}
+    turns = cauldron_turns(row["texts"]) if "texts" in row else message_turns(row.get("messages"))
+    names = image_names(entry)
+    if turns and names and all(isinstance(t["value"], str) and IMAGE_MARKER not in t["value"] for t in turns):
+        first_human = next((t for t in turns if t["from"] == "human"), None)
+        if first_human is not None:
+            first_human["value"] = with_image_markers(first_human["value"], len(names))
+    return {**entry, "conversations": turns}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entries at any scale: parsed once into a memory-mapped store beside the data, shared by every process
+
+STORE_FILES = ("entries.bin", "offsets.npy", "has_image.npy")
+EMBEDDED = "embedded://"  # an image inside a parquet/hub row: embedded://<column>/<row>/<k-th image>
+
+
+def build_entry_store(rows, files: dict) -> dict:
+    """Check every row, write the usable ones as JSON texts into one file with an int64 offsets array, and
+    count the others by reason. Only the file's pages a process touches are ever in its memory, and the OS
+    shares them between processes, where 600K Python dicts would be copied into every DataLoader worker."""
+    offsets, has_image, skipped, examples = array("q", [0]), array("b"), Counter(), []
+    with open(files["entries.bin"], "wb") as out:
+        for index, row in enumerate(rows):
+            entry = to_llava_entry(row)
+            reason = check_entry(entry, require_image=False)
+            if reason is not None:
+                skipped[reason] += 1
+                if len(examples) < 5:
+                    entry_id = entry.get("id", "?") if isinstance(entry, dict) else "?"
+                    examples.append(f"entry {index} (id {entry_id}): {reason}")
+                continue
+            text = json.dumps({k: v for k, v in entry.items() if v is not None}).encode()
+            out.write(text)
+            offsets.append(offsets[-1] + len(text))
+            has_image.append(bool(image_names(entry)))
+    np.save(files["offsets.npy"], np.frombuffer(offsets, dtype=np.int64))
+    np.save(files["has_image.npy"], np.frombuffer(has_image, dtype=np.int8).astype(bool))
+    return {"skipped": dict(skipped), "examples": examples, "entries": len(has_image)}
+
+
+class EntryStore:
+    """A sequence of LLaVA entries read from a store that build_entry_store wrote: entry i is decoded from
+    its bytes on each access. `rows` picks and orders the stored entries (a split) without copying them."""
+
+    def __init__(self, files: dict, rows: np.ndarray):
+        self.files, self.rows = files, rows
+        self._texts, self._offsets = None, None
+
+    def _open(self):
+        if self._texts is None:
+            size = os.path.getsize(self.files["entries.bin"])
+            self._texts = (np.memmap(self.files["entries.bin"], dtype=np.uint8, mode="r") if size
+                           else np.zeros(0, dtype=np.uint8))
+            self._offsets = np.load(self.files["offsets.npy"], mmap_mode="r")
+        return self._texts, self._offsets
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self.rows) <= index < len(self.rows):
+            raise IndexError(index)
+        texts, offsets = self._open()
+        row = self.rows[index]
+        return json.loads(texts[offsets[row]:offsets[row + 1]].tobytes())
+
+    def select(self, positions: np.ndarray) -> "EntryStore":
+        return EntryStore(self.files, self.rows[positions])
+
+    def __getstate__(self):  # a spawned worker maps the files itself instead of receiving a copy
+        return {**self.__dict__, "_texts": None, "_offsets": None}
+
+
+def is_image_feature(feature) -> bool:
+    """A datasets Image column, or a list of images."""
+    import datasets
+
+    inner = feature[0] if isinstance(feature, list) and feature else getattr(feature, "feature", None)
+    return isinstance(feature, datasets.Image) or isinstance(inner, datasets.Image)
+
+
+def image_references(column, name: str, first_row: int) -> list:
+    """Per row of an Arrow image column (a struct of bytes and path, or a list of them): a name for each
+    image, EMBEDDED for stored bytes, else its path. The image bytes themselves are not read."""
+    import pyarrow as pa
+
+    is_list = pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+    images = column.flatten() if is_list else column
+    lengths = (column.value_lengths().to_pylist() if is_list
+               else [1 if valid else None for valid in column.is_valid().to_pylist()])
+    fields = dict(zip([field.name for field in images.type], images.flatten()))
+    has_bytes, paths = fields["bytes"].is_valid().to_pylist(), fields["path"].to_pylist()
+    references, k = [], 0
+    for row, length in enumerate(lengths):
+        if length is None:
+            references.append(None)
+            continue
+        references.append([f"{EMBEDDED}{name}/{first_row + row}/{i}" if has_bytes[k + i] else paths[k + i]
+                           for i in range(length)])
+        k += length
+    return references
+
+
+def dataset_rows(dataset):
+    """The rows of a datasets Dataset as dicts, with names in place of image columns (image_references)."""
+    image_columns = [name for name, feature in dataset.features.items() if is_image_feature(feature)]
+    table, first_row = dataset.data.table, 0  # a dataset as load_dataset gives it: no indices mapping
+    for batch in table.to_batches(max_chunksize=4096):
+        references = {name: image_references(batch.column(name), name, first_row) for name in image_columns}
+        texts = batch.select([n for n in batch.schema.names if n not in image_columns]).to_pylist()
+        for i, row in enumerate(texts):
+            yield {**row, **{name: references[name][i] for name in image_columns}}
+        first_row += batch.num_rows
+
+
+class DatasetImages:
+    """The images of a parquet or hub dataset: embedded ones from its memory-mapped Arrow table, paths from
+    image_root (a folder or zip, or None)."""
+
+    def __init__(self, dataset, paths=None):
+        self.dataset, self.paths = dataset, paths
+
+    def read(self, name: str) -> bytes:
+        if not name.startswith(EMBEDDED):
+            if self.paths is None:
+                raise FileNotFoundError(f"{name}: an image path, and no image_root was given")
+            return self.paths.read(name)
+        column, row, k = name[len(EMBEDDED):].rsplit("/", 2)
+        value = self.dataset.data.table.column(column)[int(row)].as_py()
+        return (value[int(k)] if isinstance(value, list) else value)["bytes"]
+
+
+def load_hf_dataset(data_path: str, subset: str = "", split: str = "train"):
+    """A parquet file, a folder of parquet files, or a hub dataset (with an optional subset and split),
+    through `datasets`: converted once into memory-mapped Arrow files, in a cache beside local files."""
+    import datasets  # here: runs on LLaVA JSON do not pay for importing it
+
+    if not os.path.exists(data_path):
+        return datasets.load_dataset(data_path, subset or None, split=split)
+    files = [data_path] if os.path.isfile(data_path) else sorted(
+        glob.glob(os.path.join(data_path, "**", "*.parquet"), recursive=True))
+    if not files:
+        raise FileNotFoundError(f"no parquet files in {data_path}")
+    return datasets.load_dataset("parquet", data_files=files, split="train",
+                                 cache_dir=os.path.join(cache_folder(files[0]), "datasets"))
+
+
+def open_data(data_path: str, image_root: str, require_image: bool, subset: str = "", split: str = "train"):
+    """The usable entries of a data source as an EntryStore, the image source to read their images from,
+    and the skipped entries counted by reason with a few examples. data_path: a JSON or JSONL file (LLaVA,
+    Cauldron or messages schema, images under image_root), a parquet file or folder, or a hub dataset id
+    (images embedded, or paths under image_root). The store is built on the first run and reused."""
+    paths = open_image_source(image_root) if image_root else None
+    if data_path.endswith((".json", ".jsonl")):
+        sources, rows, images = [data_path], lambda: iter_json_entries(data_path), paths
+    else:
+        dataset = load_hf_dataset(data_path, subset, split)
+        sources, rows = [f["filename"] for f in dataset.cache_files], lambda: dataset_rows(dataset)
+        images = DatasetImages(dataset, paths)
+    files, meta = cached(sources, "entries", STORE_FILES, lambda f: build_entry_store(rows(), f))
+    has_image = np.load(files["has_image.npy"])
+    kept = np.flatnonzero(has_image) if require_image else np.arange(len(has_image))
+    skipped = Counter(meta["skipped"])
+    if len(kept) < len(has_image):
+        skipped["no image"] += len(has_image) - len(kept)
+    return EntryStore(files, kept), images, skipped, meta["examples"]
+
+
+def check_data_paths(data_path: str, image_root: str, val_data_path: str = "") -> None:
+    """Fail fast, before any model loads: a local data file or image root that is missing or unreadable.
+    A data_path that does not exist and does not look like a file is taken for a hub dataset id."""
+    for path in (data_path, val_data_path):
+        looks_local = path.endswith((".json", ".jsonl", ".parquet")) or path.startswith((".", "/", "~"))
+        if path and (os.path.exists(path) or looks_local) and not readable(path):
+            raise FileNotFoundError(f"data file not found or not readable: {path}")
+    if image_root and not readable(image_root):
+        raise FileNotFoundError(f"image_root not found or not readable: {image_root}")
+
+
+def readable(path: str) -> bool:
+    if os.path.isdir(path):
+        return os.access(path, os.R_OK | os.X_OK)
+    return os.path.isfile(path) and os.access(path, os.R_OK)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -309,9 +699,20 @@ class Processor:
         """A conversation so far (see chat_turns) as messages, formatted exactly like a training sample."""
         return to_messages(chat_turns(conversation, with_image), self.image_placeholder)
 
-    def prompt_messages(self, prompt: str, with_image: bool = True) -> list[dict]:
-        """A one-turn user prompt, with the image, formatted exactly like a training sample."""
-        value = f"{IMAGE_MARKER}\n{prompt}" if with_image else prompt
+    def images_to_pixels(self, images: list) -> torch.Tensor | None:
+        """A sample's images: None, (3, H, W) uint8 for one, (num_images, 3, H, W) for several."""
+        if not images:
+            return None
+        pixels = [self.image_to_pixels(image) for image in images]
+        return pixels[0] if len(pixels) == 1 else torch.stack(pixels)  # (num_images, 3, H, W)
+
+    def prompt_messages(self, prompt: str, with_image: bool | int = True) -> list[dict]:
+        """A one-turn user prompt with its images (True: one; an int: that many), formatted exactly like a
+        training sample: the images go first unless the prompt places them with <image> markers."""
+        num_images = int(with_image)
+        value = with_image_markers(prompt, num_images) if num_images else prompt
+        if value.count(IMAGE_MARKER) != num_images:
+            raise ValueError(f"the prompt has {value.count(IMAGE_MARKER)} <image> markers for {num_images} images")
         return to_messages([{"from": "human", "value": value}], self.image_placeholder)
 
 
@@ -323,7 +724,8 @@ SKIPPED_WHEN_LOADED = ("image missing", "image unreadable", "too long")  # the r
 
 
 class LLaVADataset(Dataset):
-    """LLaVA entries as training samples. A sample that cannot be used (its image is missing, truncated or
+    """LLaVA entries (a list, or an EntryStore) as training samples; an entry may have several images. A
+    sample that cannot be used (its image is missing, truncated or
     unreadable, or it is longer than max_length tokens) comes back as {"skipped": reason}; the collate
     function drops it and counts it, so one bad file never stops a run."""
 
@@ -339,20 +741,23 @@ class LLaVADataset(Dataset):
         input_ids, labels = self.processor.encode(messages)
         if len(input_ids) > self.max_length:
             return {"skipped": "too long"}
-        pixels = None
-        if entry.get("image"):
+        names, images = image_names(entry), []
+        if names is None:  # open_data never lets such an entry through; a hand-made list might
+            return {"skipped": "image missing"}
+        for name in names:  # the k-th image fills the k-th run of image tokens
             try:
-                pixels = self.processor.image_to_pixels(decode_image(self.images.read(entry["image"])))
+                images.append(decode_image(self.images.read(name)))
             except FileNotFoundError:
                 return {"skipped": "image missing"}
             except (OSError, ValueError, Image.DecompressionBombError):  # PIL: truncated, not an image
                 return {"skipped": "image unreadable"}
+        pixels = self.processor.images_to_pixels(images)  # None, (3, H, W) or (num_images, 3, H, W) uint8
         return {"input_ids": input_ids, "labels": labels, "pixels": pixels}
 
 
 def collate(samples: list[dict], pad_token_id: int, padding_side: str = "right") -> dict:
-    """Pad a list of samples into a batch. Images of the samples that have one are stacked in order, so the
-    k-th image fills the k-th run of placeholders in the batch."""
+    """Pad a list of samples into a batch. The images of all samples (one (3, H, W) or several (k, 3, H, W)
+    each) are concatenated in order, so the k-th image fills the k-th run of placeholders in the batch."""
     kept = [s for s in samples if "skipped" not in s]
     skipped = Counter(s["skipped"] for s in samples if "skipped" in s)
     longest = max((len(s["input_ids"]) for s in kept), default=0)
@@ -365,8 +770,8 @@ def collate(samples: list[dict], pad_token_id: int, padding_side: str = "right")
         input_ids[row, columns] = torch.tensor(sample["input_ids"])
         labels[row, columns] = torch.tensor(sample["labels"])
         attention_mask[row, columns] = 1
-    images = [s["pixels"] for s in kept if s["pixels"] is not None]
-    pixels = torch.stack(images) if images else None  # (num_images, 3, H, W) uint8
+    images = [s["pixels"].reshape(-1, *s["pixels"].shape[-3:]) for s in kept if s["pixels"] is not None]
+    pixels = torch.cat(images) if images else None  # (num_images, 3, H, W) uint8, samples' images in order
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "pixels": pixels,
             "skipped": skipped, "num_samples": len(kept), "num_tokens": int(attention_mask.sum())}
 
@@ -384,8 +789,9 @@ class StreamSampler(Sampler):
         self.num_samples, self.seed, self.start = num_samples, seed, start
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
-    def order(self, epoch: int) -> list[int]:
-        return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+    def order(self, epoch: int) -> np.ndarray:
+        # a numpy array, not a list: 5M Python ints would cost the main process about 180 MB
+        return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch)).numpy()
 
     def __iter__(self):
         epoch, order = None, None
@@ -395,7 +801,7 @@ class StreamSampler(Sampler):
             if position // self.num_samples != epoch:
                 epoch = position // self.num_samples
                 order = self.order(epoch)
-            yield order[position % self.num_samples]
+            yield int(order[position % self.num_samples])
 
 
 def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:

@@ -1,6 +1,7 @@
 """Ask a trained TinyVLM about images, from the shell:
   python generate.py --checkpoint runs/demo --image a.jpg b.jpg --prompt "What colour is the shape?"
   python generate.py --checkpoint runs/demo --image photos/ --output answers.jsonl     # a folder of images
+  python generate.py --checkpoint runs/demo --image a.jpg,b.jpg --prompt "What changed?"  # two images, one prompt
   python generate.py --checkpoint runs/demo --data val.json --image_root images.zip --output preds.json
 From Python: TinyVLM.from_pretrained(folder).generate(images, prompts) (this script's engine).
 """
@@ -23,10 +24,13 @@ DEFAULT_PROMPT = "Describe the image concisely."
 
 
 def image_jobs(paths: list[str], prompt: str) -> list[dict]:
-    """One job per image file; a folder stands for the images in it (sorted)."""
+    """One job per image file; a folder stands for the images in it (sorted); "a.jpg,b.jpg" is one job with
+    two images (the prompt's <image> markers place them, else they go first)."""
     jobs = []
     for path in paths:
-        if os.path.isdir(path):
+        if "," in path and not os.path.exists(path):
+            jobs.append({"image": path.split(","), "prompt": prompt})
+        elif os.path.isdir(path):
             names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
             jobs += [{"image": os.path.join(path, n), "prompt": prompt} for n in names]
         else:
@@ -41,14 +45,18 @@ def llava_jobs(data_path: str, prompt: str | None) -> list[dict]:
 
 
 def image_loader(image_source):
-    """job -> its image: a file path, or a name in image_source (a folder or zip); None without an image."""
-    def load(job: dict) -> Image.Image | None:
+    """job -> its image: a file path, or a name in image_source (a folder or zip); a list of images for a
+    list of names; None without an image."""
+    def load_one(name: str) -> Image.Image:
+        if image_source is None:
+            with open(name, "rb") as f:
+                return decode_image(f.read())
+        return decode_image(image_source.read(name))
+
+    def load(job: dict) -> Image.Image | list | None:
         if not job.get("image"):
             return None
-        if image_source is None:
-            with open(job["image"], "rb") as f:
-                return decode_image(f.read())
-        return decode_image(image_source.read(job["image"]))
+        return [load_one(n) for n in job["image"]] if isinstance(job["image"], list) else load_one(job["image"])
     return load
 
 

@@ -28,9 +28,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import (IGNORE_INDEX, SKIPPED_WHEN_LOADED, LLaVADataset, StreamSampler, collate, decode_image,
-                  filter_entries, first_answer, first_question, ignore_sigint_in_worker, load_llava_json,
-                  open_image_source, pack_step, split_entries)
+from data import (IGNORE_INDEX, SKIPPED_WHEN_LOADED, LLaVADataset, StreamSampler, check_data_paths, collate,
+                  decode_image, first_answer, first_question, ignore_sigint_in_worker, open_data, pack_step,
+                  split_entries)
 from model import (ModelConfig, TinyVLM, autocast, find_model_folder, pick_attention, pick_compile, pick_device,
                    pick_dtype)
 
@@ -45,10 +45,14 @@ class VLMConfig:
     projector_hidden_dim: int = 12288  # SwiGLU width; 82.6M projector parameters, about 300M in all
     max_length: int = 256  # samples longer than this (in tokens) are skipped and counted
     system_prompt: str = ""  # an empty system turn: SmolLM2's default one would add 16 tokens to each sample
-    # data: LLaVA-format JSON and its images (a folder or the images.zip as downloaded)
+    # data: a JSON/JSONL file (LLaVA, Cauldron or chat-messages schema), a parquet file or folder, or a hub
+    # dataset id; images embedded in parquet/hub rows, or paths under image_root (a folder or images.zip)
     data_path: str = "data/LLaVA-CC3M-Pretrain-595K/chat.json"
-    image_root: str = "data/LLaVA-CC3M-Pretrain-595K/images.zip"
-    val_data_path: str = ""  # a held-out LLaVA JSON; empty: hold out val_size entries of data_path
+    image_root: str = "data/LLaVA-CC3M-Pretrain-595K/images.zip"  # empty: images embedded in the data only
+    data_subset: str = ""  # a hub dataset's subset (configuration), e.g. "ai2d" of HuggingFaceM4/the_cauldron
+    data_split: str = "train"  # a hub dataset's split
+    val_data_path: str = ""  # held-out data like data_path (a hub id: its val_data_split); empty: val_size of it
+    val_data_split: str = "validation"
     val_size: int = 1024
     num_workers: int = 8
     # stage: "pretrain" trains the projector; "finetune" (stage 2) trains the projector and the language model
@@ -270,19 +274,22 @@ class Logger:
 def load_data(cfg: VLMConfig, processor, log) -> tuple[LLaVADataset, LLaVADataset]:
     """Train and validation datasets. Entries that cannot be trained on are skipped and counted here, at
     start-up; samples whose image turns out bad are skipped and counted as they are loaded."""
-    images = open_image_source(cfg.image_root)
     require_image = cfg.stage == "pretrain"  # stage 2 mixes text-only samples in, as LLaVA-1.5 does
-    entries, skipped, examples = filter_entries(load_llava_json(cfg.data_path), require_image)
+    entries, images, skipped, examples = open_data(cfg.data_path, cfg.image_root, require_image, cfg.data_subset,
+                                                   cfg.data_split)
     if skipped:
         log(f"{cfg.data_path}: skipped {sum(skipped.values())} entries {dict(skipped)}, e.g. {examples}")
     if cfg.val_data_path:
-        train, (val, val_skipped, _) = entries, filter_entries(load_llava_json(cfg.val_data_path), require_image)
+        val, val_images, val_skipped, _ = open_data(cfg.val_data_path, cfg.image_root, require_image,
+                                                    cfg.data_subset, cfg.val_data_split)
+        train = entries
         skipped.update({f"val {reason}": n for reason, n in val_skipped.items()})
     else:
-        train, val = split_entries(entries, cfg.val_size, cfg.seed)
-    if not train:
+        (train, val), val_images = split_entries(entries, cfg.val_size, cfg.seed), images
+    if not len(train):
         raise ValueError(f"{cfg.data_path}: no usable entries ({dict(skipped)})")
-    datasets = [LLaVADataset(entries, images, processor, cfg.max_length) for entries in (train, val)]
+    datasets = [LLaVADataset(train, images, processor, cfg.max_length),
+                LLaVADataset(val, val_images, processor, cfg.max_length)]
     return datasets[0], datasets[1], skipped
 
 
@@ -343,7 +350,7 @@ def readable_images(dataset: LLaVADataset, count: int) -> tuple[list[dict], list
     for entry in dataset.entries:
         if len(entries) == count:
             break
-        if not entry.get("image"):
+        if not isinstance(entry.get("image"), str):  # samples to caption show one image each
             continue
         try:
             images.append(decode_image(dataset.images.read(entry["image"])))
@@ -666,6 +673,7 @@ def main(argv: list[str]) -> None:
     rank, world_size, local_rank = setup_distributed()
     device = pick_device(cfg.device, local_rank)
     dtype = pick_dtype(cfg.dtype, device)
+    check_data_paths(cfg.data_path, cfg.image_root, cfg.val_data_path)  # before a minute of loading weights
     model = build_model(cfg, device, dtype)
     train(cfg, model, device, dtype, rank, world_size)
     if dist.is_initialized():

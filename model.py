@@ -296,17 +296,19 @@ class TinyVLM(nn.Module):
 
     def prompt_batch(self, images: list, prompts) -> dict:
         """Left-padded generation prompts, built exactly as in training (Processor), on this model's device:
-        `images` are PIL images (None for a text-only prompt), `prompts` one string for all or one per image;
-        a prompt may also be a whole conversation so far (a list of messages, see Processor.chat_messages)."""
+        `images` holds per prompt a PIL image, a list of them (several images, placed where the prompt's <image>
+        markers are, else first) or None (text only); `prompts` is one string for all or one per image. A prompt
+        may also be a whole conversation so far (a list of messages with one image, see Processor.chat_messages)."""
         prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
         if len(prompts) != len(images):
             raise ValueError(f"got {len(images)} images and {len(prompts)} prompts")
         samples = []
         for image, prompt in zip(images, prompts):
-            messages = (self.processor.prompt_messages(prompt, image is not None) if isinstance(prompt, str)
-                        else self.processor.chat_messages(prompt, image is not None))
+            images_of_prompt = list(image) if isinstance(image, (list, tuple)) else [] if image is None else [image]
+            messages = (self.processor.prompt_messages(prompt, len(images_of_prompt)) if isinstance(prompt, str)
+                        else self.processor.chat_messages(prompt, bool(images_of_prompt)))
             input_ids = self.processor.encode_prompt(messages)
-            pixels = None if image is None else self.processor.image_to_pixels(image)
+            pixels = self.processor.images_to_pixels(images_of_prompt)  # None, (3, H, W) or (k, 3, H, W)
             samples.append({"input_ids": input_ids, "labels": [IGNORE_INDEX] * len(input_ids), "pixels": pixels})
         batch = collate(samples, self.processor.tokenizer.pad_token_id, padding_side="left")
         device = self.pixel_mean.device

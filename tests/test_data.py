@@ -188,7 +188,12 @@ def test_an_over_long_sample_is_skipped(tokenizer, shapes_data):
 
 @pytest.mark.parametrize("entry, reason", [
     ({"id": "a", "image": "a.jpg", "conversations": llava_turns("Describe.")}, "no <image> marker"),
-    ({"id": "b", "image": "b.jpg", "conversations": llava_turns("<image> and <image>")}, "several <image> markers"),
+    ({"id": "b", "image": "b.jpg", "conversations": llava_turns("<image> and <image>")},
+     "<image> markers do not match the images"),
+    ({"id": "b2", "image": ["b.jpg", "c.jpg"], "conversations": llava_turns("<image> only one")},
+     "<image> markers do not match the images"),
+    ({"id": "b3", "image": "b.jpg", "conversations": llava_turns("<image>", "<image> in the answer")},
+     "<image> outside a human turn"),
     ({"id": "c", "image": "c.jpg", "conversations": llava_turns("<image>\nDescribe.", "  ")}, "empty caption"),
     ({"id": "d", "conversations": llava_turns("<image>\nDescribe.")}, "<image> marker without image"),
     ({"id": "e", "conversations": llava_turns("Say hi.")}, "no image"),
