@@ -28,7 +28,10 @@ def test_the_programs_import_without_what_a_bare_gpu_machine_lacks(tmp_path):
 
 def test_gpu_suite_runs_with_tiny_models_on_a_cpu(tmp_path):
     output = tmp_path / "results.json"
-    result = subprocess.run([sys.executable, "bench.py", "--suite", "gpu", "--tiny", "--json", str(output)],
+    # aot_eager: torch.compile's tracing and autograd without inductor's minutes of C++ compiling on 2 cores
+    # (tests/test_compile.py compiles with inductor)
+    result = subprocess.run([sys.executable, "bench.py", "--suite", "gpu", "--tiny", "--compile_backend", "aot_eager",
+                             "--json", str(output)],
                             cwd=ROOT, env=without_packages(tmp_path), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = json.loads(output.read_text())
