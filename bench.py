@@ -134,8 +134,9 @@ def flops_per_sample(model: TinyVLM, tokens: float, targets: float) -> dict:
     return {**parts, "total": sum(parts.values())}
 
 
-def peak_tflops(device: torch.device) -> tuple[float, str]:
-    """The device's dense bf16 peak and where the figure comes from."""
+def peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> tuple[float, str]:
+    """The device's dense bf16 peak and where the figure comes from; on a CPU, a matmul in the run dtype timed
+    here (bf16 on a CPU without bf16 instructions would take minutes and mean nothing)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, value in GPU_PEAK_TFLOPS.items():
@@ -143,13 +144,14 @@ def peak_tflops(device: torch.device) -> tuple[float, str]:
                 return value, f"{name}: NVIDIA data sheet, dense bf16"
         return float("nan"), f"{name}: peak unknown, add it to GPU_PEAK_TFLOPS"
     size, repeats = 2048, 10
-    a, b = torch.randn(size, size, dtype=torch.bfloat16), torch.randn(size, size, dtype=torch.bfloat16)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
     seconds = time.perf_counter() - start
-    return 2 * size**3 * repeats / seconds / 1e12, "CPU: a 2048^2 bf16 matmul measured in this run"
+    name = str(dtype).removeprefix("torch.")
+    return 2 * size**3 * repeats / seconds / 1e12, f"CPU: a 2048^2 {name} matmul measured in this run"
 
 
 def synchronize(device):
@@ -171,7 +173,7 @@ def bench_train(args, tokenizer, device, dtype) -> list[dict]:
     ]
     other_attention = "sdpa" if args.attention == "eager" else "eager"
     variants.append((f"TinyVLM with {other_attention} attention", dtype, "targets", other_attention))
-    peak, peak_source = peak_tflops(device)
+    peak, peak_source = peak_tflops(device, dtype)
     rows = []
     for name, weights_dtype, loss_kind, attention in variants:
         model = random_model(args.tiny, weights_dtype, attention, tokenizer, device)
@@ -704,7 +706,7 @@ def bench_train_speed(args, tokenizer, device, dtype) -> list[dict]:
     """The training step main.py runs (forward_backward, gradient clipping, AdamW) at real sizes, eager and
     compiled, by micro-batch size: ms/step, samples/s, MFU, peak memory. The compiled model is compiled once
     and keeps its graphs across batch sizes, as in a run; its first steps (compiling) are warm-up."""
-    peak, peak_source = peak_tflops(device)
+    peak, peak_source = peak_tflops(device, dtype)
     rows = []
     for compiled in (False, True):
         model = random_model(args.tiny, dtype, args.attention, tokenizer, device)
