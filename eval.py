@@ -20,7 +20,7 @@ from PIL import Image
 
 from data import decode_image, first_answer, first_question, load_llava_json, open_image_source, to_rgb
 from generate import answer
-from model import TinyVLM, find_model_folder, pick_attention, pick_device, pick_dtype
+from model import load_for_inference
 
 # Prompt suffixes as LLaVA-1.5's evaluation writes them (llava/eval and its scripts/v1_5/eval).
 # The demo's held-out shapes (demo.py draws them): captions answer SHAPES_PROMPT and name one of each.
@@ -403,10 +403,8 @@ def parse_args(argv):
 def main(argv: list[str]) -> dict:
     args = parse_args(argv)
     transformers.utils.logging.disable_progress_bar()
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    folder = find_model_folder(args.checkpoint)
-    model = TinyVLM.from_pretrained(folder, dtype, pick_attention(args.attn_implementation, device)).to(device)
+    model, folder, device, dtype = load_for_inference(args.checkpoint, args.device, args.dtype,
+                                                     args.attn_implementation)
     results, predictions = {}, {}
     for name in args.tasks.split(","):
         results[name], jobs = run_task(name, model, args, device, dtype)

@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data import decode_image, first_answer, first_question, load_llava_json, open_image_source
-from model import TinyVLM, autocast, find_model_folder, pick_attention, pick_device, pick_dtype
+from model import autocast, load_for_inference
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_PROMPT = "Describe the image concisely."
@@ -120,12 +120,8 @@ def parse_args(argv):
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     transformers.utils.logging.disable_progress_bar()
-    device = pick_device(args.device, 0)
-    dtype = pick_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
-    folder = find_model_folder(args.checkpoint)
-    model = TinyVLM.from_pretrained(folder, dtype, pick_attention(args.attn_implementation, device))
-    model = model.to(device).eval()
+    model, _, device, dtype = load_for_inference(args.checkpoint, args.device, args.dtype, args.attn_implementation)
     if args.data:
         jobs, image_source = llava_jobs(args.data, args.prompt), open_image_source(args.image_root)
     else:

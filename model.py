@@ -389,3 +389,13 @@ def find_model_folder(path: str) -> str:
             return folder
     raise FileNotFoundError(f"no TinyVLM in {path}: expected projector.safetensors there or in its best/ "
                             "or checkpoint/ folder")
+
+
+def load_for_inference(checkpoint: str, device: str = "auto", dtype: str = "auto", attention: str = "auto"):
+    """What generate.py, eval.py and serve.py start with: the model of a model or run folder
+    (find_model_folder) on the picked device, in eval mode. Returns (model, folder, device, dtype)."""
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device)
+    folder = find_model_folder(checkpoint)
+    model = TinyVLM.from_pretrained(folder, dtype, pick_attention(attention, device)).to(device).eval()
+    return model, folder, device, dtype

@@ -15,7 +15,7 @@ import transformers
 from PIL import Image
 
 from data import IMAGE_MARKER, chat_turns, to_rgb
-from model import TinyVLM, find_model_folder, pick_attention, pick_device, pick_dtype
+from model import TinyVLM, load_for_inference
 
 MAX_IMAGE_PIXELS = 50_000_000  # a 50-megapixel photo decodes to 150 MB; larger images are refused unread
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # the default theme would fetch web fonts
@@ -145,11 +145,8 @@ def parse_args(argv):
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     transformers.utils.logging.disable_progress_bar()
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    folder = find_model_folder(args.checkpoint)
-    model = TinyVLM.from_pretrained(folder, dtype, pick_attention(args.attn_implementation, device))
-    model = model.to(device).eval()
+    model, folder, device, dtype = load_for_inference(args.checkpoint, args.device, args.dtype,
+                                                     args.attn_implementation)
     print(f"serving {folder} on {device} ({dtype}) at http://{args.host}:{args.port}", file=sys.stderr)
     page = build_page(ChatServer(model, args.max_image_pixels), folder)
     page.queue().launch(server_name=args.host, server_port=args.port, max_file_size=args.max_file_size,
