@@ -5,10 +5,10 @@ escaping paths, and the start-up checks."""
 import io
 import json
 import os
+import pickle
 import zipfile
 
 import datasets
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -105,13 +105,18 @@ def test_the_cache_goes_to_a_writable_folder_when_the_data_folder_is_read_only(t
     assert data.cache_folder(str(tmp_path / "rw" / "chat.json")) == str(tmp_path / "rw" / ".tinyvlm_cache")
 
 
-def test_a_worker_of_a_spawned_loader_maps_the_store_itself(tmp_path, image_folder, processor):
+def test_a_worker_opens_the_store_itself(tmp_path, image_folder, processor):
     path = tmp_path / "chat.json"
     path.write_text(json.dumps([{"id": n, "image": n, "conversations": turns("<image>")} for n in COLOURS]))
     store, images, _, _ = open_data(str(path), image_folder, True)
-    store[0]  # maps the files in this process
-    state = store.__getstate__()
-    assert state["_texts"] is None and state["rows"].tolist() == [0, 1, 2]
+    first = store[0]  # opens the files in this process
+    state = store.__getstate__()  # what a spawned worker receives: paths and rows, no descriptor
+    assert state["_fd"] is None and state["_offsets"] is None and state["rows"].tolist() == [0, 1, 2]
+    spawned = pickle.loads(pickle.dumps(store))
+    assert [spawned[i] for i in range(3)] == [store[i] for i in range(3)] and spawned[0] == first
+    descriptor = store._fd
+    store._pid = -1  # as in a forked worker: a descriptor of its own, not one shared with the parent's offset
+    assert store[1]["id"] == list(COLOURS)[1] and store._fd != descriptor and store._pid == os.getpid()
 
 
 # -- the zip index -------------------------------------------------------------------------------------------
