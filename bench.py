@@ -414,7 +414,7 @@ def scale_child(data_path: str, image_root: str, workers: int, batches: int) -> 
     memory of the main process and its workers after `batches` more batches."""
     from functools import partial
 
-    from data import Processor, StreamSampler, ignore_sigint_in_worker, open_data, split_entries
+    from data import Processor, StreamSampler, open_data, split_entries, start_worker
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     processor = Processor(tokenizer, SIGLIP_PREPROCESSING, "<image>", 49)
     defaults = VLMConfig()
@@ -425,7 +425,7 @@ def scale_child(data_path: str, image_root: str, workers: int, batches: int) -> 
     opened, open_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=64, sampler=StreamSampler(len(train), defaults.seed, 0, 64), num_workers=workers,
-        collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id), worker_init_fn=ignore_sigint_in_worker,
+        collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id), worker_init_fn=start_worker,
         persistent_workers=workers > 0)
     batch_iterator = iter(loader)
     first = next(batch_iterator)
@@ -891,7 +891,7 @@ def bench_packing(args, tokenizer, device, dtype) -> list[dict]:
     rows = []
     finetune = dict(VLMConfig().__dict__, **FINETUNE_CONFIG)
     stages = [("stage 2, mix665k-like", mix665k_like_entries, finetune["max_length"], finetune["batch_size"],
-               finetune["grad_accum_steps"], args.packing_batch_size, 2),
+               finetune["grad_accum_steps"], args.packing_batch_size, args.packing_grad_accum),
               ("stage 1, CC3M-like", cc3m_like_entries, VLMConfig.max_length, VLMConfig.batch_size,
                VLMConfig.grad_accum_steps, args.packing_batch_size * 4, 1)]
     for stage, make_entries, max_length, batch_size, accum, timed_batch_size, timed_accum in stages:
@@ -991,6 +991,8 @@ def main() -> int:
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--packing_samples", type=int, default=4096, help="conversations per stage (packing)")
     parser.add_argument("--packing_batch_size", type=int, default=4, help="stage 2's timed micro-batch (packing)")
+    parser.add_argument("--packing_grad_accum", type=int, default=2,
+                        help="stage 2's timed micro-batches per step (packing; the config's is 8)")
     parser.add_argument("--packing_steps", type=int, default=2, help="timed steps per layout (packing)")
     parser.add_argument("--packing_lm_layers", type=int, default=30, help="LM layers kept (packing; 30: all)")
     parser.add_argument("--tokenizer", default=TOKENIZER_DIR, help="SmolLM2-135M-Instruct's, shipped in assets/")

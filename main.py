@@ -29,8 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data import (IGNORE_INDEX, SKIPPED_WHEN_LOADED, LLaVADataset, StreamSampler, check_data_paths, collate,
-                  decode_image, first_answer, first_question, ignore_sigint_in_worker, open_data, pack_step,
-                  split_entries)
+                  decode_image, first_answer, first_question, open_data, pack_step, split_entries, start_worker)
 from model import (ModelConfig, TinyVLM, autocast, find_model_folder, pick_attention, pick_compile, pick_device,
                    pick_dtype)
 
@@ -110,18 +109,20 @@ def parse_bool(text: str) -> bool:
 def parse_args(argv: list[str]) -> dict:
     """The VLMConfig fields given on the command line, typed: `--lr 1e-3`, `--lr=1e-3`, `--demo`."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in fields(VLMConfig):
-        if field.type is bool:
-            parser.add_argument(f"--{field.name}", type=parse_bool, nargs="?", const=True,
+    for option in fields(VLMConfig):
+        if option.type is bool:
+            parser.add_argument(f"--{option.name}", type=parse_bool, nargs="?", const=True,
                                 default=argparse.SUPPRESS)
         else:
-            parser.add_argument(f"--{field.name}", type=field.type, default=argparse.SUPPRESS)
+            parser.add_argument(f"--{option.name}", type=option.type, default=argparse.SUPPRESS)
     return vars(parser.parse_args(argv))
 
 
 # Stage 2 as LLaVA-1.5 finetunes: llava_v1_5_mix665k, global batch 128, lr 2e-5, warmup 3%, cosine, one epoch.
+# Packed: 97% of the token slots are real tokens instead of 35%, 1.55x the trained tokens/s (README, Packing).
 FINETUNE_CONFIG = dict(data_path="data/llava_v1_5_mix665k.json", image_root="data/llava_images", max_length=2048,
-                       batch_size=16, grad_accum_steps=8, lr=2e-5, lm_lr=2e-5, eval_every=200, save_every=1000)
+                       batch_size=16, grad_accum_steps=8, packing=True, lr=2e-5, lm_lr=2e-5, eval_every=200,
+                       save_every=1000)
 
 
 def resolve_config(overrides: dict, preset: dict | None = None) -> VLMConfig:
@@ -426,7 +427,7 @@ def build_loaders(cfg: VLMConfig, train_set, val_set, pad_token_id: int, positio
     this process's share of the validation set. With packing, one item of the stream is this process's whole
     share of a step, packed into micro-batches."""
     options = dict(collate_fn=partial(collate, pad_token_id=pad_token_id), num_workers=cfg.num_workers,
-                   pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint_in_worker)
+                   pin_memory=device.type == "cuda", worker_init_fn=start_worker)
     sampler = StreamSampler(len(train_set), cfg.seed, position, cfg.batch_size, rank, world_size)
     train_options = dict(options, batch_size=cfg.batch_size)
     if cfg.packing:

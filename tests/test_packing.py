@@ -16,6 +16,7 @@ from data import IGNORE_INDEX, LLaVADataset, collate, open_image_source, pack_ro
 from main import build_model, forward_backward, train
 from test_distributed import assert_same_updates, initial_weights, torchrun
 from test_finetune import finetune_config, instruct_data, stage1_model  # noqa: F401 (fixtures)
+from test_train import straight_and_resumed
 
 CPU = torch.device("cpu")
 
@@ -158,9 +159,7 @@ def test_packed_training_updates_the_weights_like_padded_training(packed_config)
 
 def test_packed_resume_with_data_loader_workers_is_exact(packed_config):
     cfg = dataclasses.replace(packed_config, num_workers=2, lr_decay_steps=2)
-    straight = run(dataclasses.replace(cfg, run_name="straight"))
-    run(dataclasses.replace(cfg, run_name="halves", max_steps=1))
-    resumed = run(dataclasses.replace(cfg, run_name="halves", resume=os.path.join(cfg.out_dir, "halves")))
+    straight, resumed = straight_and_resumed(cfg, first_steps=1)
     a, b = checkpoint(straight), checkpoint(resumed)
     assert all(torch.equal(a[name], b[name]) for name in a)
 

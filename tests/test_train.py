@@ -30,6 +30,13 @@ def projector_weights(run_dir: str, folder: str = "checkpoint") -> dict:
     return load_file(os.path.join(run_dir, folder, "projector.safetensors"))
 
 
+def straight_and_resumed(cfg: VLMConfig, first_steps: int) -> tuple[str, str]:
+    """cfg's run straight through, and the same run stopped after first_steps and resumed to the end."""
+    straight = run(dataclasses.replace(cfg, run_name="straight"))
+    run(dataclasses.replace(cfg, run_name="halves", max_steps=first_steps))
+    return straight, run(dataclasses.replace(cfg, run_name="halves", resume=os.path.join(cfg.out_dir, "halves")))
+
+
 def metrics(run_dir: str) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -113,9 +120,7 @@ def test_resume_forgets_what_was_logged_after_the_checkpoint(tiny_config):
 
 def test_resume_with_data_loader_workers_is_exact(tiny_config):
     cfg = dataclasses.replace(tiny_config, num_workers=2, max_steps=4, lr_decay_steps=4)
-    straight = run(dataclasses.replace(cfg, run_name="straight"))
-    run(dataclasses.replace(cfg, run_name="halves", max_steps=2))
-    resumed = run(dataclasses.replace(cfg, run_name="halves", resume=os.path.join(cfg.out_dir, "halves")))
+    straight, resumed = straight_and_resumed(cfg, first_steps=2)
     a, b = projector_weights(straight), projector_weights(resumed)
     assert all(torch.equal(a[name], b[name]) for name in a)
 
@@ -174,6 +179,9 @@ def test_command_line_overrides_are_typed():
     cfg = resolve_config(overrides, preset)
     assert cfg.batch_size == 32 and cfg.lr == 3e-4 and cfg.max_steps == 7  # the command line beats the preset
     assert resolve_config(parse_args(["--demo", "false"])) == VLMConfig()
+    stage2 = resolve_config(parse_args(["--stage", "finetune"]))  # stage 2 packs by default, stage 1 does not
+    assert stage2.packing and stage2.max_length == 2048 and not VLMConfig().packing
+    assert not resolve_config(parse_args(["--stage", "finetune", "--packing", "false"])).packing
     with pytest.raises(SystemExit):
         parse_args(["--batch_size", "many"])
     with pytest.raises(SystemExit):
