@@ -870,8 +870,8 @@ def step_batches(share: list[dict], layout: str, batch_size: int, max_length: in
     """One process's share of a step as micro-batches: padded in stream order (TinyVLM without packing),
     length-grouped (sorted by length, then cut into micro-batches of batch_size, as LLaVA's
     group_by_modality_length does within a mega-batch), or packed (data.pack_step)."""
-    if layout == "packed":
-        return pack_step(share, max_length, max_tokens, pad)
+    if layout.startswith("packed"):  # "packed": rows of max_length; "packed N": rows filled up to N tokens
+        return pack_step(share, max_length, max_tokens, pad, int(layout.split()[1]) if " " in layout else 0)
     if layout == "grouped":
         share = sorted(share, key=lambda s: len(s.get("input_ids", ())))
     return [collate(share[i:i + batch_size], pad) for i in range(0, len(share), batch_size)]
@@ -918,7 +918,7 @@ def bench_packing(args, tokenizer, device, dtype) -> list[dict]:
         forward_backward(model, warm_up, device, dtype, scaler)  # allocations, kernels, AdamW state: untimed
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        for layout in LAYOUTS:
+        for layout in LAYOUTS + tuple(f"packed {n}" for n in args.pack_lengths.split(",") if int(n) < max_length):
             share = batch_size * accum  # the default config's share of a step, for the token slots
             slots = [b for i in range(0, len(samples) - share + 1, share) for b in step_batches(
                 samples[i:i + share], layout, batch_size, max_length, batch_size * max_length, pad)]
@@ -942,9 +942,9 @@ def bench_packing(args, tokenizer, device, dtype) -> list[dict]:
                          "timed_real_token_share": real_token_share(timed),
                          "tokens_per_s": sum(b["num_tokens"] for b in timed) / sum(times)})
             print(rows[-1])
-        padded = rows[-len(LAYOUTS)]["tokens_per_s"]
-        for row in rows[-len(LAYOUTS):]:
-            row["speedup"] = row["tokens_per_s"] / padded
+        stage_rows = [row for row in rows if row["stage"] == stage]
+        for row in stage_rows:
+            row["speedup"] = row["tokens_per_s"] / stage_rows[0]["tokens_per_s"]  # against padded
         del model, optimizer
     return rows
 
@@ -993,6 +993,8 @@ def main() -> int:
     parser.add_argument("--packing_batch_size", type=int, default=4, help="stage 2's timed micro-batch (packing)")
     parser.add_argument("--packing_grad_accum", type=int, default=2,
                         help="stage 2's timed micro-batches per step (packing; the config's is 8)")
+    parser.add_argument("--pack_lengths", default="512",
+                        help="also time packing with rows filled up to these lengths (packing; comma-separated)")
     parser.add_argument("--packing_steps", type=int, default=2, help="timed steps per layout (packing)")
     parser.add_argument("--packing_lm_layers", type=int, default=30, help="LM layers kept (packing; 30: all)")
     parser.add_argument("--tokenizer", default=TOKENIZER_DIR, help="SmolLM2-135M-Instruct's, shipped in assets/")

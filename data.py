@@ -852,17 +852,32 @@ def packed_batch(rows: list[list[dict]], pad_token_id: int) -> dict:
             "pixels": pixels, "skipped": Counter(), "num_samples": sum(map(len, rows)), "num_tokens": num_tokens}
 
 
-def pack_step(samples: list[dict], row_length: int, max_tokens_per_batch: int, pad_token_id: int) -> list[dict]:
-    """A process's share of one optimizer step, packed: whole samples in rows of row_length tokens (pack_rows),
-    and rows in micro-batches of at most max_tokens_per_batch token slots. The step trains on the same
+def pack_step(samples: list[dict], row_length: int, max_tokens_per_batch: int, pad_token_id: int,
+              fill_length: int = 0) -> list[dict]:
+    """A process's share of one optimizer step, packed: whole samples in rows of up to fill_length tokens
+    (pack_rows; 0: row_length, the longest a sample may be), a longer sample in a row of its own. The rows,
+    widest first, go into micro-batches as wide as their widest row, of at most max_tokens_per_batch token
+    slots; a micro-batch ends early where rows get narrower than 90% of its width, so little is padding.
+    Attention costs each token its row's width, so shorter rows cost less of it. The step trains on the same
     samples as unpacked, in fewer, fuller micro-batches; how many depends on their lengths. Skipped samples
     are counted in the first micro-batch, which is empty when all were skipped."""
-    rows_per_batch = max_tokens_per_batch // row_length
-    if rows_per_batch < 1:
+    if max_tokens_per_batch < row_length:
         raise ValueError(f"max_tokens_per_batch={max_tokens_per_batch} must be at least max_length={row_length}")
+    fill_length = min(fill_length or row_length, row_length)
     kept = [s for s in samples if "skipped" not in s]
-    rows = [[kept[i] for i in row] for row in pack_rows([len(s["input_ids"]) for s in kept], row_length)]
-    batches = [packed_batch(rows[i:i + rows_per_batch], pad_token_id) for i in range(0, len(rows), rows_per_batch)]
+    short = [s for s in kept if len(s["input_ids"]) <= fill_length]
+    rows = [[short[i] for i in row] for row in pack_rows([len(s["input_ids"]) for s in short], fill_length)]
+    rows += [[s] for s in kept if len(s["input_ids"]) > fill_length]
+    widths = [sum(len(s["input_ids"]) for s in row) for row in rows]
+    order = sorted(range(len(rows)), key=lambda r: -widths[r])  # stable: a pure function of the samples
+    batches, start = [], 0
+    while start < len(order):
+        width, end = widths[order[start]], start + 1
+        while (end < len(order) and (end - start + 1) * width <= max_tokens_per_batch
+               and widths[order[end]] >= 0.9 * width):
+            end += 1
+        batches.append(packed_batch([rows[r] for r in order[start:end]], pad_token_id))
+        start = end
     batches = batches or [packed_batch([], pad_token_id)]
     batches[0]["skipped"] = Counter(s["skipped"] for s in samples if "skipped" in s)
     return batches

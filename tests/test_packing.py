@@ -77,6 +77,11 @@ def test_packed_and_padded_batches_give_the_same_token_losses_and_gradients(fine
     packed_gradient = gradients(model, pack_step(samples, finetune_config.max_length,
                                                  2 * finetune_config.max_length, pad))
     torch.testing.assert_close(packed_gradient, padded_gradient, rtol=1e-4, atol=1e-6)
+    # rows filled only up to the median length: the longer half alone in rows, micro-batches of other widths
+    short_rows = pack_step(samples, finetune_config.max_length, 2 * finetune_config.max_length, pad,
+                           fill_length=sorted(lengths)[len(lengths) // 2])
+    assert len({b["input_ids"].shape[1] for b in short_rows}) > 1
+    torch.testing.assert_close(gradients(model, short_rows), padded_gradient, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
@@ -108,9 +113,23 @@ def test_pack_step_places_every_sample_once_within_the_budget(finetune_config):
     assert sum(b["num_samples"] for b in batches) == 7 and sum(b["num_tokens"] for b in batches) == 413
     assert all(b["input_ids"].numel() <= 256 and b["input_ids"].shape[1] <= 128 for b in batches)
     real_share = 413 / sum(b["input_ids"].numel() for b in batches)
-    assert real_share > 0.8 and len(batches) == 2
+    assert real_share > 0.95 and len(batches) == 3  # rows of 128 | 115, 110 | 60: none padded by a third
     again = pack_step(samples, row_length=128, max_tokens_per_batch=256, pad_token_id=0)
     assert all(torch.equal(a["position_ids"], b["position_ids"]) for a, b in zip(batches, again))
+
+
+def test_pack_step_fills_rows_up_to_fill_length_and_gives_longer_samples_a_row_each():
+    lengths = (90, 20, 128, 60, 5, 70, 40, 66)
+    samples = [{"input_ids": [n] * n, "labels": [n] * n, "pixels": None} for n in lengths]
+    batches = pack_step(samples, row_length=128, max_tokens_per_batch=256, pad_token_id=0, fill_length=64)
+    rows = [[n for n in row.tolist() if n] for b in batches for row in b["input_ids"]]  # a row's tokens
+    samples_in_rows = [sorted(Counter(row).items()) for row in rows]  # (length, its tokens) per sample
+    assert sorted(n for row in samples_in_rows for n, count in row if count == n) == sorted(lengths)  # all, once
+    assert all(sum(n for n, _ in row) <= 64 or len(row) == 1 for row in samples_in_rows)
+    assert sorted(n for row in samples_in_rows if len(row) == 1 for n, _ in row if n > 64) == [66, 70, 90, 128]
+    # widest rows first; a micro-batch ends at the budget or where rows get narrower than 90% of its width:
+    # 128 | 90 | 70, 66 | 60, 60 (40 + 20) | 5
+    assert [tuple(b["input_ids"].shape) for b in batches] == [(1, 128), (1, 90), (2, 70), (2, 60), (1, 5)]
 
 
 def test_pack_step_with_every_sample_skipped_gives_one_empty_batch_that_counts_them():
