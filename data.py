@@ -865,6 +865,9 @@ def pack_step(samples: list[dict], row_length: int, max_tokens_per_batch: int, p
         raise ValueError(f"max_tokens_per_batch={max_tokens_per_batch} must be at least max_length={row_length}")
     fill_length = min(fill_length or row_length, row_length)
     kept = [s for s in samples if "skipped" not in s]
+    if any(len(s["input_ids"]) > row_length for s in kept):  # main.py skips them before; a row must hold one
+        raise ValueError(f"a sample of {max(len(s['input_ids']) for s in kept)} tokens does not fit a row of "
+                         f"{row_length}")
     short = [s for s in kept if len(s["input_ids"]) <= fill_length]
     rows = [[short[i] for i in row] for row in pack_rows([len(s["input_ids"]) for s in short], fill_length)]
     rows += [[s] for s in kept if len(s["input_ids"]) > fill_length]
@@ -893,7 +896,7 @@ def start_worker(_worker_id: int):
     - glibc raises its mmap threshold to the size of each large block freed, so after the first batch a
       worker's decode and collate buffers (up to the 9.6 MB of a batch's pixels) come from the heap and stay
       resident after they are freed. A fixed threshold returns them to the OS: about 6 MB less per worker
-      (bench.py --parts data_scale)."""
+      (README, Data at scale)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # glibc only; elsewhere nothing to do
     if mallopt is not None:
