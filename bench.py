@@ -881,7 +881,17 @@ def real_token_share(batches: list[dict]) -> float:
     return sum(b["num_tokens"] for b in batches) / max(1, sum(b["input_ids"].numel() for b in batches))
 
 
-LAYOUTS = ("padded", "grouped", "packed")
+def packing_variants(args, device, max_length: int) -> list[tuple[str, str]]:
+    """(layout, LM attention) pairs to time: padded, length-grouped and packed with --attention (packed rows
+    with transformers' block-diagonal mask: every token scores its whole row), then packed with sdpa_varlen
+    (attention per conversation), with rows also filled only up to --pack_lengths, and with flex attention
+    (block-sparse; it has no backward on CPUs)."""
+    variants = [("padded", args.attention), ("grouped", args.attention), ("packed", args.attention)]
+    variants += [(layout, "sdpa_varlen") for layout in ["packed"] + [
+        f"packed {n}" for n in args.pack_lengths.split(",") if n and int(n) < max_length]]
+    if device.type == "cuda":
+        variants.append(("packed", "flex_attention"))
+    return list(dict.fromkeys(variants))  # --attention sdpa_varlen: each pair once
 
 
 def bench_packing(args, tokenizer, device, dtype) -> list[dict]:
@@ -918,29 +928,38 @@ def bench_packing(args, tokenizer, device, dtype) -> list[dict]:
         forward_backward(model, warm_up, device, dtype, scaler)  # allocations, kernels, AdamW state: untimed
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        for layout in LAYOUTS + tuple(f"packed {n}" for n in args.pack_lengths.split(",") if int(n) < max_length):
-            share = batch_size * accum  # the default config's share of a step, for the token slots
+        variants = packing_variants(args, device, max_length)
+        seconds = dict.fromkeys(variants, 0.0)
+        steps = [samples[step * timed_share:(step + 1) * timed_share] for step in range(args.packing_steps)]
+        # every variant trains the same steps; rounds take the variants in alternating order, so that a slow
+        # spell of this (shared, noisy) machine does not fall on one variant alone
+        for round_ in range(args.packing_rounds):
+            for layout, attention in variants[::-1] if round_ % 2 else variants:
+                model.lm.set_attn_implementation(attention)
+                for share_samples in steps:
+                    batches = step_batches(share_samples, layout, timed_batch_size, max_length,
+                                           timed_batch_size * max_length, pad)
+                    synchronize(device)
+                    start = time.perf_counter()
+                    forward_backward(model, batches, device, dtype, scaler)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    synchronize(device)
+                    seconds[layout, attention] += time.perf_counter() - start
+        share = batch_size * accum  # the default config's share of a step, for the token slots
+        for layout, attention in variants:
             slots = [b for i in range(0, len(samples) - share + 1, share) for b in step_batches(
                 samples[i:i + share], layout, batch_size, max_length, batch_size * max_length, pad)]
-            times, timed = [], []
-            for step in range(args.packing_steps):
-                share_samples = samples[step * timed_share:(step + 1) * timed_share]
-                batches = step_batches(share_samples, layout, timed_batch_size, max_length,
-                                       timed_batch_size * max_length, pad)
-                synchronize(device)
-                start = time.perf_counter()
-                forward_backward(model, batches, device, dtype, scaler)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                synchronize(device)
-                times.append(time.perf_counter() - start)
-                timed += batches
-            rows.append({"stage": stage, "layout": layout, "real_token_share": real_token_share(slots),
+            timed = [b for share_samples in steps for b in step_batches(
+                share_samples, layout, timed_batch_size, max_length, timed_batch_size * max_length, pad)]
+            rows.append({"stage": stage, "layout": layout, "attention": attention,
+                         "real_token_share": real_token_share(slots),
                          "config_batch": f"{batch_size} x {accum}", "max_length": max_length,
                          "timed_batch": f"{timed_batch_size} x {timed_accum}", "timed_steps": args.packing_steps,
-                         "micro_batches_per_step": len(timed) / args.packing_steps,
+                         "rounds": args.packing_rounds, "micro_batches_per_step": len(timed) / args.packing_steps,
                          "timed_real_token_share": real_token_share(timed),
-                         "tokens_per_s": sum(b["num_tokens"] for b in timed) / sum(times)})
+                         "tokens_per_s": args.packing_rounds * sum(b["num_tokens"] for b in timed)
+                         / seconds[layout, attention]})
             print(rows[-1])
         stage_rows = [row for row in rows if row["stage"] == stage]
         for row in stage_rows:
@@ -996,6 +1015,8 @@ def main() -> int:
     parser.add_argument("--pack_lengths", default="512",
                         help="also time packing with rows filled up to these lengths (packing; comma-separated)")
     parser.add_argument("--packing_steps", type=int, default=2, help="timed steps per layout (packing)")
+    parser.add_argument("--packing_rounds", type=int, default=1,
+                        help="times each layout's steps are timed, in alternating order (packing)")
     parser.add_argument("--packing_lm_layers", type=int, default=30, help="LM layers kept (packing; 30: all)")
     parser.add_argument("--tokenizer", default=TOKENIZER_DIR, help="SmolLM2-135M-Instruct's, shipped in assets/")
     parser.add_argument("--a40_mfu", type=float, default=0.4, help="MFU assumed for the A40 projection")
@@ -1053,7 +1074,7 @@ def main() -> int:
     if "packing" in parts:
         report["packing"] = bench_packing(args, tokenizer, device, dtype)
         print_table("padded, length-grouped and packed micro-batches", report["packing"],
-                    ["stage", "layout", "real_token_share", "timed_batch", "micro_batches_per_step",
+                    ["stage", "layout", "attention", "real_token_share", "timed_batch", "micro_batches_per_step",
                      "timed_real_token_share", "tokens_per_s", "speedup"])
     if "data_scale" in parts:
         report["data_scale"] = bench_data_scale(args)

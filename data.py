@@ -858,9 +858,10 @@ def pack_step(samples: list[dict], row_length: int, max_tokens_per_batch: int, p
     (pack_rows; 0: row_length, the longest a sample may be), a longer sample in a row of its own. The rows,
     widest first, go into micro-batches as wide as their widest row, of at most max_tokens_per_batch token
     slots; a micro-batch ends early where rows get narrower than 90% of its width, so little is padding.
-    Attention costs each token its row's width, so shorter rows cost less of it. The step trains on the same
-    samples as unpacked, in fewer, fuller micro-batches; how many depends on their lengths. Skipped samples
-    are counted in the first micro-batch, which is empty when all were skipped."""
+    Under a block-diagonal mask each token's attention costs its row's width, so shorter rows cost less of it
+    (model.sdpa_varlen charges only the conversation's). The step trains on the same samples as unpacked, in
+    fewer, fuller micro-batches; how many depends on their lengths. Skipped samples are counted in the first
+    micro-batch, which is empty when all were skipped."""
     if max_tokens_per_batch < row_length:
         raise ValueError(f"max_tokens_per_batch={max_tokens_per_batch} must be at least max_length={row_length}")
     fill_length = min(fill_length or row_length, row_length)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from transformers.integrations.sdpa_attention import sdpa_attention_forward as sdpa
 
 from data import IGNORE_INDEX, LLaVADataset, collate, open_image_source, pack_rows, pack_step, packed_batch
 from main import build_model, forward_backward, train
@@ -84,7 +85,7 @@ def test_packed_and_padded_batches_give_the_same_token_losses_and_gradients(fine
     torch.testing.assert_close(gradients(model, short_rows), padded_gradient, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa", "sdpa_varlen"])
 def test_changing_one_packed_conversation_leaves_its_neighbours_losses_alone(finetune_config, attention):
     model = build_model(dataclasses.replace(finetune_config, attn_implementation=attention), CPU, torch.float32)
     first, middle, last, other = conversations(finetune_config, model, 12)[8:12]
@@ -103,6 +104,26 @@ def test_changing_one_packed_conversation_leaves_its_neighbours_losses_alone(fin
     torch.testing.assert_close(after[:a - 1], before[:a - 1], rtol=1e-6, atol=1e-6)  # the conversation before
     torch.testing.assert_close(after[a + n:], before[a + m:], rtol=1e-6, atol=1e-6)  # the conversation after
     assert (leaked[a + n:] - before[a + m:]).abs().max() > 1e-3  # the test can tell attention leaking
+
+
+def test_sdpa_varlen_attends_within_each_conversation_alone_and_matches_eager(finetune_config, monkeypatch):
+    eager = build_model(finetune_config, CPU, torch.float32)
+    varlen = build_model(dataclasses.replace(finetune_config, packing=True), CPU, torch.float32)
+    # attn_implementation "auto" on a CPU: eager, or sdpa_varlen with packing
+    assert (eager.lm.config._attn_implementation, varlen.lm.config._attn_implementation) == ("eager", "sdpa_varlen")
+    samples = conversations(finetune_config, eager, 12)
+    lengths = [len(s["input_ids"]) for s in samples]
+    rows = pack_rows(lengths, finetune_config.max_length)
+    packed = packed_batch([[samples[i] for i in row] for row in rows], eager.processor.tokenizer.pad_token_id)
+    attended = []  # the length of each sdpa call's sequence
+    monkeypatch.setattr("model.sdpa_attention_forward", lambda module, query, *args, **kwargs: (
+        attended.append(query.shape[2]) or sdpa(module, query, *args, **kwargs)))
+    with torch.no_grad():
+        torch.testing.assert_close(token_losses(varlen, packed), token_losses(eager, packed), rtol=1e-4, atol=1e-5)
+    # in every layer, one call per conversation and one for the padding that ends a shorter row
+    width = packed["input_ids"].shape[1]
+    calls = [n for row in rows for n in [lengths[i] for i in row] + [width - sum(lengths[i] for i in row)] if n]
+    assert len(rows) > 1 and attended == calls * varlen.lm.config.num_hidden_layers
 
 
 def test_pack_step_places_every_sample_once_within_the_budget(finetune_config):

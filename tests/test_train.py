@@ -180,7 +180,7 @@ def test_command_line_overrides_are_typed():
     assert cfg.batch_size == 32 and cfg.lr == 3e-4 and cfg.max_steps == 7  # the command line beats the preset
     assert resolve_config(parse_args(["--demo", "false"])) == VLMConfig()
     stage2 = resolve_config(parse_args(["--stage", "finetune"]))  # stage 2 packs by default, stage 1 does not
-    assert stage2.packing and stage2.max_length == 2048 and not VLMConfig().packing
+    assert stage2.packing and stage2.pack_length == 512 and stage2.max_length == 2048 and not VLMConfig().packing
     assert not resolve_config(parse_args(["--stage", "finetune", "--packing", "false"])).packing
     with pytest.raises(SystemExit):
         parse_args(["--batch_size", "many"])
