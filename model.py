@@ -101,7 +101,8 @@ def sdpa_varlen(module, query, key, value, attention_mask, position_ids=None, **
     return out.view(batch, length, heads, head_dim), None
 
 
-# transformers' documented way to add an attention implementation; its mask is sdpa's (used when not packed)
+# transformers' documented way to add an attention implementation. Its mask is sdpa's, for batches that are not
+# packed; for packed rows transformers still builds the block-diagonal mask, and sdpa_varlen leaves it unused.
 AttentionInterface.register("sdpa_varlen", sdpa_varlen)
 AttentionMaskInterface.register("sdpa_varlen", sdpa_mask)
 
