@@ -929,23 +929,29 @@ def bench_packing(args, tokenizer, device, dtype) -> list[dict]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         variants = packing_variants(args, device, max_length)
-        seconds = dict.fromkeys(variants, 0.0)
+        seconds, errors = dict.fromkeys(variants, 0.0), {}
         steps = [samples[step * timed_share:(step + 1) * timed_share] for step in range(args.packing_steps)]
         # every variant trains the same steps; rounds take the variants in alternating order, so that a slow
         # spell of this (shared, noisy) machine does not fall on one variant alone
         for round_ in range(args.packing_rounds):
             for layout, attention in variants[::-1] if round_ % 2 else variants:
-                model.lm.set_attn_implementation(attention)
-                for share_samples in steps:
-                    batches = step_batches(share_samples, layout, timed_batch_size, max_length,
-                                           timed_batch_size * max_length, pad)
-                    synchronize(device)
-                    start = time.perf_counter()
-                    forward_backward(model, batches, device, dtype, scaler)
-                    optimizer.step()
+                if (layout, attention) in errors:
+                    continue
+                try:
+                    model.lm.set_attn_implementation(attention)
+                    for share_samples in steps:
+                        batches = step_batches(share_samples, layout, timed_batch_size, max_length,
+                                               timed_batch_size * max_length, pad)
+                        synchronize(device)
+                        start = time.perf_counter()
+                        forward_backward(model, batches, device, dtype, scaler)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        synchronize(device)
+                        seconds[layout, attention] += time.perf_counter() - start
+                except Exception as error:  # flex attention, say, failing to compile: reported, the others go on
+                    errors[layout, attention] = f"{type(error).__name__}: {error}"[:500]
                     optimizer.zero_grad(set_to_none=True)
-                    synchronize(device)
-                    seconds[layout, attention] += time.perf_counter() - start
         share = batch_size * accum  # the default config's share of a step, for the token slots
         for layout, attention in variants:
             slots = [b for i in range(0, len(samples) - share + 1, share) for b in step_batches(
@@ -958,12 +964,14 @@ def bench_packing(args, tokenizer, device, dtype) -> list[dict]:
                          "timed_batch": f"{timed_batch_size} x {timed_accum}", "timed_steps": args.packing_steps,
                          "rounds": args.packing_rounds, "micro_batches_per_step": len(timed) / args.packing_steps,
                          "timed_real_token_share": real_token_share(timed),
-                         "tokens_per_s": args.packing_rounds * sum(b["num_tokens"] for b in timed)
-                         / seconds[layout, attention]})
+                         "tokens_per_s": None if (layout, attention) in errors else
+                         args.packing_rounds * sum(b["num_tokens"] for b in timed) / seconds[layout, attention],
+                         **({"error": errors[layout, attention]} if (layout, attention) in errors else {})})
             print(rows[-1])
         stage_rows = [row for row in rows if row["stage"] == stage]
         for row in stage_rows:
-            row["speedup"] = row["tokens_per_s"] / stage_rows[0]["tokens_per_s"]  # against padded
+            if row["tokens_per_s"] and stage_rows[0]["tokens_per_s"]:
+                row["speedup"] = row["tokens_per_s"] / stage_rows[0]["tokens_per_s"]  # against padded
         del model, optimizer
     return rows
 
@@ -1075,7 +1083,7 @@ def main() -> int:
         report["packing"] = bench_packing(args, tokenizer, device, dtype)
         print_table("padded, length-grouped and packed micro-batches", report["packing"],
                     ["stage", "layout", "attention", "real_token_share", "timed_batch", "micro_batches_per_step",
-                     "timed_real_token_share", "tokens_per_s", "speedup"])
+                     "timed_real_token_share", "tokens_per_s", "speedup", "error"])
     if "data_scale" in parts:
         report["data_scale"] = bench_data_scale(args)
         print_table("input pipeline at scale (main process + workers, proportional set size)", report["data_scale"],
