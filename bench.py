@@ -931,17 +931,19 @@ def bench_packing(args, tokenizer, device, dtype) -> list[dict]:
         variants = packing_variants(args, device, max_length)
         seconds, errors = dict.fromkeys(variants, 0.0), {}
         steps = [samples[step * timed_share:(step + 1) * timed_share] for step in range(args.packing_steps)]
-        # every variant trains the same steps; rounds take the variants in alternating order, so that a slow
-        # spell of this (shared, noisy) machine does not fall on one variant alone
+        # every variant trains the same steps, as its layout splits them into micro-batches
+        step_layouts = {(layout, attention): [step_batches(share_samples, layout, timed_batch_size, max_length,
+                                                           timed_batch_size * max_length, pad)
+                                              for share_samples in steps] for layout, attention in variants}
+        # rounds take the variants in alternating order, so that a slow spell of this (shared, noisy) machine
+        # does not fall on one variant alone
         for round_ in range(args.packing_rounds):
             for layout, attention in variants[::-1] if round_ % 2 else variants:
                 if (layout, attention) in errors:
                     continue
                 try:
                     model.lm.set_attn_implementation(attention)
-                    for share_samples in steps:
-                        batches = step_batches(share_samples, layout, timed_batch_size, max_length,
-                                               timed_batch_size * max_length, pad)
+                    for batches in step_layouts[layout, attention]:
                         synchronize(device)
                         start = time.perf_counter()
                         forward_backward(model, batches, device, dtype, scaler)
@@ -956,17 +958,17 @@ def bench_packing(args, tokenizer, device, dtype) -> list[dict]:
         for layout, attention in variants:
             slots = [b for i in range(0, len(samples) - share + 1, share) for b in step_batches(
                 samples[i:i + share], layout, batch_size, max_length, batch_size * max_length, pad)]
-            timed = [b for share_samples in steps for b in step_batches(
-                share_samples, layout, timed_batch_size, max_length, timed_batch_size * max_length, pad)]
+            timed = [b for batches in step_layouts[layout, attention] for b in batches]
+            error = errors.get((layout, attention))
             rows.append({"stage": stage, "layout": layout, "attention": attention,
                          "real_token_share": real_token_share(slots),
                          "config_batch": f"{batch_size} x {accum}", "max_length": max_length,
                          "timed_batch": f"{timed_batch_size} x {timed_accum}", "timed_steps": args.packing_steps,
                          "rounds": args.packing_rounds, "micro_batches_per_step": len(timed) / args.packing_steps,
                          "timed_real_token_share": real_token_share(timed),
-                         "tokens_per_s": None if (layout, attention) in errors else
+                         "tokens_per_s": None if error else
                          args.packing_rounds * sum(b["num_tokens"] for b in timed) / seconds[layout, attention],
-                         **({"error": errors[layout, attention]} if (layout, attention) in errors else {})})
+                         **({"error": error} if error else {})})
             print(rows[-1])
         stage_rows = [row for row in rows if row["stage"] == stage]
         for row in stage_rows:
