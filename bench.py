@@ -609,8 +609,8 @@ def one_step_gradients(cfg: VLMConfig, batch: dict, device, dtype, compile_backe
     if compile_backend:
         model.compile_regions(backend=compile_backend)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    loss, _, _ = forward_backward(model, [batch], device, dtype, scaler)
-    return loss.item(), torch.cat([p.grad.flatten().float() for p in model.projector.parameters()]), model
+    loss_sum = forward_backward(model, [batch], device, dtype, scaler)
+    return loss_sum.item() / batch["num_targets"], torch.cat([p.grad.flatten().float() for p in model.projector.parameters()]), model
 
 
 def correctness_checks(args, tokenizer, device) -> list[dict]:

@@ -757,15 +757,39 @@ class LLaVADataset(Dataset):
         return {"input_ids": input_ids, "labels": labels, "pixels": pixels}
 
 
-def collate(samples: list[dict], pad_token_id: int, padding_side: str = "right") -> dict:
+def skip_counts(samples: list[dict]) -> dict:
+    """The skipped samples among `samples`, counted by reason: a plain dict, because the DataLoader's pin-memory
+    step copies a batch's dicts and update()s the copies, which for a Counter adds the counts a second time."""
+    return dict(Counter(s["skipped"] for s in samples if "skipped" in s))
+
+
+def model_positions(input_ids: torch.Tensor, labels: torch.Tensor, image_token_id: int | None) -> dict:
+    """Where the model writes image features and reads predictions, as flat indices into the batch's
+    B * T positions, computed here on the host so that the model's step needs no data-dependent shape
+    (boolean indexing, nonzero, masked_scatter) on the device:
+    - image_positions: the placeholders, in row-major order (the k-th image's tokens are the k-th run);
+    - target_positions: each position whose next token is a target (position t predicts token t + 1).
+    Without image_token_id the model finds the placeholders itself."""
+    width = input_ids.shape[1]
+    is_target = labels[:, 1:] != IGNORE_INDEX  # (B, T - 1)
+    rows, columns = is_target.nonzero(as_tuple=True)
+    positions = {"target_positions": rows * width + columns, "num_targets": len(rows)}
+    if image_token_id is not None:
+        positions["image_positions"] = (input_ids.flatten() == image_token_id).nonzero().flatten()
+    return positions
+
+
+def collate(samples: list[dict], pad_token_id: int, image_token_id: int | None = None,
+            padding_side: str = "right") -> dict:
     """Pad a list of samples into a batch. The images of all samples (one (3, H, W) or several (k, 3, H, W)
-    each) are concatenated in order, so the k-th image fills the k-th run of placeholders in the batch."""
+    each) are concatenated in order, so the k-th image fills the k-th run of placeholders in the batch.
+    attention_mask marks the real tokens; training leaves it out (right padding: every real token comes
+    before every pad and attends only to what is before it), generation needs it (left padding)."""
     kept = [s for s in samples if "skipped" not in s]
-    skipped = Counter(s["skipped"] for s in samples if "skipped" in s)
     longest = max((len(s["input_ids"]) for s in kept), default=0)
-    input_ids = torch.full((len(kept), longest), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(kept), longest), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(kept), longest), dtype=torch.long)
+    input_ids = torch.full((len(kept), longest), pad_token_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(kept), longest), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(kept), longest), dtype=torch.long)  # (B, T)
     for row, sample in enumerate(kept):
         n = len(sample["input_ids"])
         columns = slice(longest - n, longest) if padding_side == "left" else slice(0, n)
@@ -775,7 +799,21 @@ def collate(samples: list[dict], pad_token_id: int, padding_side: str = "right")
     images = [s["pixels"].reshape(-1, *s["pixels"].shape[-3:]) for s in kept if s["pixels"] is not None]
     pixels = torch.cat(images) if images else None  # (num_images, 3, H, W) uint8, samples' images in order
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "pixels": pixels,
-            "skipped": skipped, "num_samples": len(kept), "num_tokens": int(attention_mask.sum())}
+            **model_positions(input_ids, labels, image_token_id), "skipped": skip_counts(samples),
+            "num_samples": len(kept), "num_tokens": int(attention_mask.sum())}
+
+
+def padded_step(samples: list[dict], batch_size: int, pad_token_id: int, image_token_id: int | None = None) -> list:
+    """A process's share of one optimizer step, padded: its samples ordered by length, longest first, and cut
+    into micro-batches of batch_size, each padded to its own longest sample. The step's loss is divided by
+    its target tokens (main.forward_backward), so the order within a step leaves its gradient unchanged,
+    while samples of similar length share a micro-batch and little of it is padding. Skipped samples are
+    counted in the first micro-batch, which is empty when all were skipped."""
+    kept = sorted((s for s in samples if "skipped" not in s), key=lambda s: -len(s["input_ids"]))  # stable
+    batches = [collate(kept[i:i + batch_size], pad_token_id, image_token_id) for i in range(0, len(kept), batch_size)]
+    batches = batches or [collate([], pad_token_id, image_token_id)]
+    batches[0]["skipped"] = skip_counts(samples)
+    return batches
 
 
 class StreamSampler(Sampler):
@@ -825,11 +863,10 @@ def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:
     return rows
 
 
-def packed_batch(rows: list[list[dict]], pad_token_id: int) -> dict:
+def packed_batch(rows: list[list[dict]], pad_token_id: int, image_token_id: int | None = None) -> dict:
     """Rows of whole samples laid end to end, padded to the fullest row. Position ids restart at 0 for each
-    sample (and for the padding after the last one), and no attention mask is given: from that, transformers
-    builds a block-diagonal causal mask, so no sample attends to another (the model must run with
-    use_cache=False: with a cache, transformers ignores the restarts). Images follow the samples in row-major
+    sample (and for the padding after the last one); the model builds from them a block-diagonal causal mask
+    (model.packed_attention_mask), so no sample attends to another. Images follow the samples in row-major
     order, the order of their runs of placeholders."""
     width = max((sum(len(s["input_ids"]) for s in row) for row in rows), default=0)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (rows, width)
@@ -845,15 +882,16 @@ def packed_batch(rows: list[list[dict]], pad_token_id: int) -> dict:
             position_ids[r, start:start + n] = torch.arange(n)
             start += n
         position_ids[r, start:] = torch.arange(width - start)  # the padding: a sequence of its own
-    images = [s["pixels"] for row in rows for s in row if s["pixels"] is not None]
-    pixels = torch.stack(images) if images else None  # (num_images, 3, H, W) uint8
+    images = [s["pixels"].reshape(-1, *s["pixels"].shape[-3:]) for row in rows for s in row if s["pixels"] is not None]
+    pixels = torch.cat(images) if images else None  # (num_images, 3, H, W) uint8
     num_tokens = sum(len(s["input_ids"]) for row in rows for s in row)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": None,
-            "pixels": pixels, "skipped": Counter(), "num_samples": sum(map(len, rows)), "num_tokens": num_tokens}
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "pixels": pixels,
+            **model_positions(input_ids, labels, image_token_id), "skipped": {},
+            "num_samples": sum(map(len, rows)), "num_tokens": num_tokens}
 
 
 def pack_step(samples: list[dict], row_length: int, max_tokens_per_batch: int, pad_token_id: int,
-              fill_length: int = 0) -> list[dict]:
+              fill_length: int = 0, image_token_id: int | None = None) -> list[dict]:
     """A process's share of one optimizer step, packed: whole samples in rows of up to fill_length tokens
     (pack_rows; 0: row_length, the longest a sample may be), a longer sample in a row of its own. The rows,
     widest first, go into micro-batches as wide as their widest row, of at most max_tokens_per_batch token
@@ -880,10 +918,10 @@ def pack_step(samples: list[dict], row_length: int, max_tokens_per_batch: int, p
         while (end < len(order) and (end - start + 1) * width <= max_tokens_per_batch
                and widths[order[end]] >= 0.9 * width):
             end += 1
-        batches.append(packed_batch([rows[r] for r in order[start:end]], pad_token_id))
+        batches.append(packed_batch([rows[r] for r in order[start:end]], pad_token_id, image_token_id))
         start = end
-    batches = batches or [packed_batch([], pad_token_id)]
-    batches[0]["skipped"] = Counter(s["skipped"] for s in samples if "skipped" in s)
+    batches = batches or [packed_batch([], pad_token_id, image_token_id)]
+    batches[0]["skipped"] = skip_counts(samples)
     return batches
 
 

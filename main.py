@@ -29,9 +29,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data import (IGNORE_INDEX, SKIPPED_WHEN_LOADED, LLaVADataset, StreamSampler, check_data_paths, collate,
-                  decode_image, first_answer, first_question, open_data, pack_step, split_entries, start_worker)
+                  decode_image, first_answer, first_question, open_data, pack_step, padded_step, split_entries,
+                  start_worker)
 from model import (ModelConfig, TinyVLM, autocast, find_model_folder, pick_attention, pick_compile, pick_device,
                    pick_dtype)
+from syncs import no_syncs
 
 
 @dataclass
@@ -81,6 +83,7 @@ class VLMConfig:
     # auto: sdpa on GPUs; on CPUs sdpa_varlen with packing (model.sdpa_varlen: attention per conversation), else eager
     attn_implementation: str = "auto"
     compile: str = "auto"  # torch.compile the vision tower, projector and LM layers; auto: on for CUDA only
+    check_syncs: bool = False  # raise if a step that logs nothing makes the host wait for the device (syncs.py)
     seed: int = 1337
     # evaluation, checkpoints, logging
     eval_every: int = 500  # steps between validation passes; the best one is kept in <run>/best
@@ -212,7 +215,10 @@ def resumable_checkpoint(run_dir: str) -> str:
 
 
 def load_training_state(run_dir: str) -> dict:
-    return torch.load(os.path.join(resumable_checkpoint(run_dir), "training_state.pt"), weights_only=True)
+    """The checkpoint's training state, on the CPU: saved from cuda:0, it would otherwise load onto cuda:0 in
+    every process; optimizer.load_state_dict moves each tensor onto its parameter's device."""
+    return torch.load(os.path.join(resumable_checkpoint(run_dir), "training_state.pt"), map_location="cpu",
+                      weights_only=True)
 
 
 class Logger:
@@ -297,14 +303,13 @@ def load_data(cfg: VLMConfig, processor, log) -> tuple[LLaVADataset, LLaVADatase
     return datasets[0], datasets[1], skipped
 
 
-def move(batch: dict, device: torch.device) -> dict:
-    """The model's inputs on device; a packed batch has position_ids and no attention_mask (None)."""
-    return {key: None if batch.get(key) is None else batch[key].to(device, non_blocking=True)
-            for key in ("input_ids", "attention_mask", "position_ids", "labels", "pixels")}
+MODEL_INPUTS = ("input_ids", "labels", "pixels", "position_ids", "image_positions", "target_positions")
 
 
-def count_targets(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A micro-batch's model inputs on the device. From pinned memory (the DataLoader pins batches on CUDA) the
+    copies are asynchronous: the host queues them and moves on."""
+    return {key: batch[key].to(device, non_blocking=True) for key in MODEL_INPUTS if batch.get(key) is not None}
 
 
 def idle_batch(model: TinyVLM) -> dict:
@@ -315,10 +320,10 @@ def idle_batch(model: TinyVLM) -> dict:
     input_ids = [processor.image_token_id] * model.num_image_tokens + [processor.end_of_turn_id]
     pixels = torch.zeros((3, *processor.image_size), dtype=torch.uint8)
     return collate([{"input_ids": input_ids, "labels": [IGNORE_INDEX] * len(input_ids), "pixels": pixels}],
-                   processor.tokenizer.pad_token_id)
+                   processor.tokenizer.pad_token_id, processor.image_token_id)
 
 
-def forward_backward(trainer, micro_batches: list, device, dtype, scaler, world_size: int = 1):
+def forward_backward(trainer, micro_batches: list, device, dtype, scaler, world_size: int = 1) -> torch.Tensor:
     """Accumulate the gradients of one optimizer step over its micro-batches, on every process; `trainer`
     is the model, or the model in DistributedDataParallel, which averages the gradients across processes
     in the last micro-batch's backward pass (no_sync before it).
@@ -326,13 +331,14 @@ def forward_backward(trainer, micro_batches: list, device, dtype, scaler, world_
     Each micro-batch's summed loss is divided by the number of target tokens in the whole step, across
     all micro-batches and processes, and multiplied by world_size to undo DDP's average, so every target
     token weighs the same: 4 micro-batches of 2 give the gradient of one batch of 8, and N processes the
-    gradient of their global batch. Returns (mean loss per target token, tokens, samples), all global."""
-    counts = torch.tensor([sum(count_targets(b) for b in micro_batches),
-                           sum(b["num_tokens"] for b in micro_batches),
-                           sum(b["num_samples"] for b in micro_batches)], dtype=torch.float64)
-    if dist.is_initialized():
-        counts = all_reduce_sum(counts.to(device)).cpu()
-    num_targets, num_tokens, num_samples = counts.tolist()
+    gradient of their global batch. The target tokens were counted on the host, in collate; across
+    processes they are summed on the device. Nothing is read back: returns this process's summed loss, on
+    the device."""
+    local_targets = sum(b["num_targets"] for b in micro_batches)
+    if dist.is_initialized():  # a fill with a host number and an all-reduce: queued, not waited for
+        num_targets = all_reduce_sum(torch.full((), float(local_targets), device=device)).clamp(min=1)
+    else:
+        num_targets = max(local_targets, 1)
     model = trainer.module if isinstance(trainer, DistributedDataParallel) else trainer
     batches = [b for b in micro_batches if b["input_ids"].numel()]  # drop those whose samples were all skipped
     if not batches and isinstance(trainer, DistributedDataParallel):
@@ -342,10 +348,13 @@ def forward_backward(trainer, micro_batches: list, device, dtype, scaler, world_
         last = i == len(batches) - 1
         with nullcontext() if last or trainer is model else trainer.no_sync():
             with autocast(device, dtype):
-                batch_loss = trainer(**move(batch, device))
-            scaler.scale(batch_loss * world_size / max(num_targets, 1)).backward()
+                batch_loss = trainer(**to_device(batch, device))
+                if batch["pixels"] is None and trainer is not model:  # text only (stage 2): the projector
+                    # gets zero gradients, so that DDP need not search the graph for unused parameters each step
+                    batch_loss = batch_loss + 0.0 * sum(p.sum() for p in model.projector.parameters())
+            scaler.scale(batch_loss * world_size / num_targets).backward()
         loss_sum += batch_loss.detach()
-    return all_reduce_sum(loss_sum) / max(num_targets, 1), num_tokens, num_samples
+    return loss_sum
 
 
 def readable_images(dataset: LLaVADataset, count: int) -> tuple[list[dict], list]:
@@ -367,23 +376,27 @@ def readable_images(dataset: LLaVADataset, count: int) -> tuple[list[dict], list
 def caption_samples(model, entries: list[dict], images: list, device, dtype) -> list[dict]:
     """Greedy answers to each entry's own first question: what training-time sampling logs."""
     prompts = [first_question(entry) for entry in entries]
+    model.eval()
     with autocast(device, dtype):
         answers = model.generate(images, prompts, max_new_tokens=48)
+    model.train()
     return [{"image": e["image"], "prompt": p, "reference": first_answer(e), "generated": a}
             for e, p, a in zip(entries, prompts, answers)]
 
 
 @torch.no_grad()
 def evaluate(model, loader, device, dtype) -> float:
-    """Mean loss per target token over the whole loader (summed over processes)."""
+    """Mean loss per target token over the whole loader (summed over processes). Eagerly: in eval mode and
+    without gradients a compiled region would compile graphs of its own, for a pass every eval_every steps."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, target tokens)
-    for batch in loader:
-        if batch["input_ids"].numel() == 0:
-            continue
-        with autocast(device, dtype):
-            totals[0] += model(**move(batch, device)).double()
-        totals[1] += count_targets(batch)
+    with torch.compiler.set_stance("force_eager"):
+        for batch in loader:
+            if batch["input_ids"].numel() == 0:
+                continue
+            with autocast(device, dtype):
+                totals[0] += model(**to_device(batch, device)).double()
+            totals[1] += batch["num_targets"]
     all_reduce_sum(totals)
     model.train()
     return (totals[0] / totals[1].clamp(min=1)).item()
@@ -416,40 +429,42 @@ def build_model(cfg: VLMConfig, device: torch.device, dtype: torch.dtype) -> Tin
 
 def build_optimizer(cfg: VLMConfig, model: TinyVLM, device: torch.device) -> torch.optim.AdamW:
     """AdamW over what trains: the projector at lr and, in stage 2, the language model at lm_lr. Each group's
-    base_lr is scaled by the schedule every step."""
+    base_lr is scaled by the schedule every step. Fused (one kernel for all parameters) on CUDA and CPUs: its
+    step counts stay on the device, where the unfused AdamW would read them on the host."""
     groups = [{"params": list(model.projector.parameters()), "base_lr": cfg.lr}]
     if cfg.stage == "finetune":
         groups.append({"params": list(model.lm.parameters()), "base_lr": cfg.lm_lr})
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
-                             fused=device.type == "cuda")
+                             fused=True if device.type in ("cuda", "cpu") else None)
 
 
-def build_loaders(cfg: VLMConfig, train_set, val_set, pad_token_id: int, position: int, rank: int,
-                  world_size: int, device: torch.device) -> tuple[DataLoader, DataLoader]:
-    """The endless training stream from `position` on (this process's share of each global micro-batch) and
-    this process's share of the validation set. With packing, one item of the stream is this process's whole
-    share of a step, packed into micro-batches."""
-    options = dict(collate_fn=partial(collate, pad_token_id=pad_token_id), num_workers=cfg.num_workers,
-                   pin_memory=device.type == "cuda", worker_init_fn=start_worker)
-    sampler = StreamSampler(len(train_set), cfg.seed, position, cfg.batch_size, rank, world_size)
-    train_options = dict(options, batch_size=cfg.batch_size)
+def build_loaders(cfg: VLMConfig, train_set, val_set, processor, position: int, rank: int, world_size: int,
+                  device: torch.device) -> tuple[DataLoader, DataLoader]:
+    """The endless training stream from `position` on, and this process's share of the validation set. One
+    item of the stream is this process's whole share of a step, cut into micro-batches by length (padded)
+    or packed into rows (packing); its samples are this process's slices of each global micro-batch."""
+    tokens = dict(pad_token_id=processor.tokenizer.pad_token_id, image_token_id=processor.image_token_id)
     if cfg.packing:
-        train_options.update(batch_size=cfg.batch_size * cfg.grad_accum_steps, collate_fn=partial(
-            pack_step, row_length=cfg.max_length, max_tokens_per_batch=cfg.max_tokens_per_batch
-            or cfg.batch_size * cfg.max_length, pad_token_id=pad_token_id, fill_length=cfg.pack_length))
-    train_loader = DataLoader(train_set, sampler=sampler, persistent_workers=cfg.num_workers > 0, **train_options)
+        step_collate = partial(pack_step, row_length=cfg.max_length, max_tokens_per_batch=cfg.max_tokens_per_batch
+                               or cfg.batch_size * cfg.max_length, fill_length=cfg.pack_length, **tokens)
+    else:
+        step_collate = partial(padded_step, batch_size=cfg.batch_size, **tokens)
+    options = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda", worker_init_fn=start_worker)
+    sampler = StreamSampler(len(train_set), cfg.seed, position, cfg.batch_size, rank, world_size)
+    train_loader = DataLoader(train_set, sampler=sampler, batch_size=cfg.batch_size * cfg.grad_accum_steps,
+                              collate_fn=step_collate, persistent_workers=cfg.num_workers > 0, **options)
     val_subset = torch.utils.data.Subset(val_set, list(range(rank, len(val_set), world_size)))
-    return train_loader, DataLoader(val_subset, batch_size=cfg.batch_size, **options)
+    return train_loader, DataLoader(val_subset, batch_size=cfg.batch_size, collate_fn=partial(collate, **tokens),
+                                    **options)
 
 
-def for_processes(model: TinyVLM, cfg: VLMConfig, device: torch.device):
+def for_processes(model: TinyVLM, device: torch.device):
     """The module the loop calls: under torchrun, the model in DistributedDataParallel, which syncs only the
-    parameters that train. In stage 2 a text-only micro-batch leaves the projector unused on that process,
-    hence find_unused_parameters."""
+    parameters that train (a text-only micro-batch still gives the projector a gradient: forward_backward)."""
     if not dist.is_initialized():
         return model
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=cfg.stage == "finetune", broadcast_buffers=False)
+                                   broadcast_buffers=False)
 
 
 @dataclass
@@ -468,6 +483,45 @@ class Progress:
         for batch in micro_batches:
             for reason, count in batch["skipped"].items():
                 self.skipped_samples[SKIPPED_WHEN_LOADED.index(reason)] += count
+
+
+@dataclass
+class Interval:
+    """What the steps since the last log add up to: the loss summed on the device (read back only when it is
+    logged) and, counted on the host, target tokens, tokens, samples and the time."""
+
+    device: torch.device
+    loss_sum: torch.Tensor = None
+    targets: int = 0
+    tokens: int = 0
+    samples: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss_sum: torch.Tensor, micro_batches: list) -> None:
+        self.loss_sum = loss_sum if self.loss_sum is None else self.loss_sum + loss_sum
+        self.targets += sum(b["num_targets"] for b in micro_batches)
+        self.tokens += sum(b["num_tokens"] for b in micro_batches)
+        self.samples += sum(b["num_samples"] for b in micro_batches)
+
+    def totals(self) -> tuple[float, float, float, float]:
+        """(mean loss per target token, tokens, samples, seconds), summed over processes: reads the device."""
+        counts = torch.tensor([self.targets, self.tokens, self.samples], dtype=torch.float64).to(self.device)
+        sums = all_reduce_sum(torch.cat([self.loss_sum.double().view(1), counts])).tolist()
+        return sums[0] / max(sums[1], 1), sums[2], sums[3], time.perf_counter() - self.start
+
+
+def log_training(cfg: VLMConfig, logger, progress: Progress, interval: Interval, grad_norm: torch.Tensor,
+                 factor: float, skipped_entries: dict, device: torch.device) -> None:
+    """The training metrics of the steps since the last log, summed over all processes; rank 0 writes them."""
+    loss, tokens, samples, seconds = interval.totals()
+    skipped_loading = all_reduce_sum(progress.skipped_samples.to(device, copy=True)).tolist()
+    metrics = {"train/loss": loss, "train/lr": cfg.lr * factor, "train/grad_norm": grad_norm.item(),
+               **({"train/lm_lr": cfg.lm_lr * factor} if cfg.stage == "finetune" else {}),
+               "train/samples_per_s": samples / seconds, "train/tokens_per_s": tokens / seconds,
+               **{f"data/skipped {reason}": n for reason, n in skipped_entries.items()},
+               **{f"data/skipped {reason}": n for reason, n in zip(SKIPPED_WHEN_LOADED, skipped_loading) if n}}
+    logger.log(metrics, progress.step)
+    logger.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{cfg.lr * factor:.2e}", samples_per_s=f"{samples / seconds:.1f}")
 
 
 def save_checkpoint(run_dir: str, cfg: VLMConfig, model: TinyVLM, optimizer, scaler, progress: Progress,
@@ -500,7 +554,7 @@ def restore_checkpoint(run_dir: str, model: TinyVLM, optimizer, scaler, device: 
     state = load_training_state(run_dir)
     model.load_weights(checkpoint_folder(run_dir))
     base_lrs = [group["base_lr"] for group in optimizer.param_groups]
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(state["optimizer"])  # moves the state onto each parameter's device
     for group, base_lr in zip(optimizer.param_groups, base_lrs):
         group["base_lr"] = base_lr
     scaler.load_state_dict(state["scaler"])
@@ -512,77 +566,6 @@ def restore_checkpoint(run_dir: str, model: TinyVLM, optimizer, scaler, device: 
     if rank == 0:  # the sum over all processes was saved: rank 0 carries it on, the others start from zero
         progress.skipped_samples = state["skipped_samples"]
     return progress
-
-
-class PeriodicWork:
-    """What a run does every so many optimizer steps, and at its last: log the training metrics (log_every),
-    validate and keep the best model in <run>/best (eval_every), caption held-out images (sample_every) and
-    save a checkpoint (save_every)."""
-
-    def __init__(self, cfg: VLMConfig, run_dir: str, model: TinyVLM, optimizer, scaler, val_set, val_loader,
-                 logger: Logger, skipped_entries: dict, max_steps: int, device, dtype, is_main: bool):
-        self.cfg, self.run_dir, self.model, self.optimizer, self.scaler = cfg, run_dir, model, optimizer, scaler
-        self.val_loader, self.logger, self.skipped_entries, self.max_steps = val_loader, logger, skipped_entries, max_steps
-        self.device, self.dtype, self.is_main = device, dtype, is_main
-        self.sample_entries, self.sample_images = (readable_images(val_set, cfg.num_sample_images)
-                                                   if is_main and cfg.sample_every > 0 else ([], []))
-        self.start_interval()
-
-    def start_interval(self) -> None:
-        self.interval_start, self.interval_samples, self.interval_tokens = time.perf_counter(), 0, 0
-
-    def due(self, every: int, step: int) -> bool:
-        return every > 0 and (step % every == 0 or step == self.max_steps)
-
-    def after_step(self, progress: Progress, train_loss: torch.Tensor, grad_norm: torch.Tensor, factor: float,
-                   num_samples: int, num_tokens: int) -> None:
-        self.interval_samples += num_samples
-        self.interval_tokens += num_tokens
-        self.logger.bar.update(1)
-        if self.due(self.cfg.log_every, progress.step):
-            self.log_training(progress, train_loss.item(), grad_norm.item(), factor)
-        if self.due(self.cfg.eval_every, progress.step):
-            self.validate(progress)
-        if self.due(self.cfg.sample_every, progress.step):
-            self.log_samples(progress.step)
-        if self.due(self.cfg.save_every, progress.step):
-            self.save(progress)
-
-    def log_training(self, progress: Progress, train_loss: float, grad_norm: float, factor: float) -> None:
-        seconds = time.perf_counter() - self.interval_start
-        skipped_loading = all_reduce_sum(progress.skipped_samples.to(self.device, copy=True)).tolist()  # all processes
-        metrics = {"train/loss": train_loss, "train/lr": self.cfg.lr * factor, "train/grad_norm": grad_norm,
-                   **({"train/lm_lr": self.cfg.lm_lr * factor} if self.cfg.stage == "finetune" else {}),
-                   "train/samples_per_s": self.interval_samples / seconds,
-                   "train/tokens_per_s": self.interval_tokens / seconds,
-                   **{f"data/skipped {reason}": n for reason, n in self.skipped_entries.items()},
-                   **{f"data/skipped {reason}": n for reason, n in zip(SKIPPED_WHEN_LOADED, skipped_loading) if n}}
-        self.logger.log(metrics, progress.step)
-        self.logger.bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{self.cfg.lr * factor:.2e}",
-                                    samples_per_s=f"{self.interval_samples / seconds:.1f}")
-        self.start_interval()
-
-    def validate(self, progress: Progress) -> None:
-        val_loss = evaluate(self.model, self.val_loader, self.device, self.dtype)
-        self.logger.log({"val/loss": val_loss}, progress.step)
-        if self.is_main:
-            tqdm.write(f"step {progress.step}: val loss {val_loss:.4f}")
-        if val_loss < progress.best_val_loss:
-            progress.best_val_loss = val_loss
-            if self.is_main:
-                save_atomically(os.path.join(self.run_dir, "best"), partial(
-                    self.model.save_pretrained, save_language_model=self.cfg.stage == "finetune"))
-
-    def log_samples(self, step: int) -> None:
-        if self.sample_entries:
-            self.model.eval()
-            rows = caption_samples(self.model, self.sample_entries, self.sample_images, self.device, self.dtype)
-            self.logger.log_samples(rows, self.sample_images, step)
-            self.model.train()
-
-    def save(self, progress: Progress) -> None:
-        save_checkpoint(self.run_dir, self.cfg, self.model, self.optimizer, self.scaler, progress, self.device,
-                        self.is_main)
 
 
 def new_run_folder(cfg: VLMConfig) -> str:
@@ -623,42 +606,77 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
     if cfg.resume:
         progress = restore_checkpoint(run_dir, model, optimizer, scaler, device, rank)
         log(f"resumed {run_dir} at step {progress.step} (sample {progress.position})")
-    train_loader, val_loader = build_loaders(cfg, train_set, val_set, model.processor.tokenizer.pad_token_id,
-                                             progress.position, rank, world_size, device)
-    trainer = for_processes(model, cfg, device)
+    train_loader, val_loader = build_loaders(cfg, train_set, val_set, model.processor, progress.position, rank,
+                                             world_size, device)
+    trainer = for_processes(model, device)
     logger = Logger(cfg, run_dir, is_main, progress.wandb_id or None, progress.step if cfg.resume else None,
                     max_steps)
     progress.wandb_id = logger.wandb_id or ""
-    periodic = PeriodicWork(cfg, run_dir, model, optimizer, scaler, val_set, val_loader, logger, skipped_entries,
-                            max_steps, device, dtype, is_main)
-    stop_signals, previous_handlers = catch_stop_signals()
-    if progress.step == 0:
-        periodic.log_samples(0)  # what the model says before it learns anything
-    model.train()
+    sample_entries, sample_images = (readable_images(val_set, cfg.num_sample_images)
+                                     if is_main and cfg.sample_every > 0 else ([], []))
+    if progress.step == 0 and sample_entries:  # what the model says before it learns anything
+        logger.log_samples(caption_samples(model, sample_entries, sample_images, device, dtype), sample_images, 0)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    stop_signals, previous_handlers = catch_stop_signals()
+    interval = Interval(device)
+    model.train()
     batches = iter(train_loader)
     try:
         while progress.step < max_steps:
-            factor = lr_factor(progress.step, warmup_steps, decay_steps, cfg.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            micro_batches = next(batches) if cfg.packing else [next(batches) for _ in range(cfg.grad_accum_steps)]
+            step = progress.step + 1
+            due = {name: every > 0 and (step % every == 0 or step == max_steps) for name, every in (
+                ("log", cfg.log_every), ("eval", cfg.eval_every), ("sample", cfg.sample_every),
+                ("save", cfg.save_every))}
+            # ---- one training step (every process). The host takes this process's share of the step, its
+            # micro-batches collated and counted by the workers; the device runs forward, backward, clip and
+            # AdamW, and nothing is read back on a step that logs nothing (check_syncs makes sure)
+            micro_batches = next(batches)
             progress.position += global_batch
             progress.count_skipped(micro_batches)
-            train_loss, num_tokens, num_samples = forward_backward(trainer, micro_batches, device, dtype, scaler,
-                                                                   world_size)
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            periodic.after_step(progress, train_loss, grad_norm, factor, num_samples, num_tokens)
-            stopping = all_reduce_sum(torch.tensor([len(stop_signals)], device=device)).item() > 0
-            if stopping and progress.step < max_steps:
-                log(f"stop requested: checkpoint at step {progress.step}; resume with --resume {run_dir}")
-                if progress.saved_at != progress.step:
-                    periodic.save(progress)
+            with no_syncs(device, cfg.check_syncs and not any(due.values())):
+                factor = lr_factor(progress.step, warmup_steps, decay_steps, cfg.min_lr_ratio)
+                for group in optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * factor
+                loss_sum = forward_backward(trainer, micro_batches, device, dtype, scaler, world_size)
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                interval.add(loss_sum, micro_batches)
+                progress.step = step
+                logger.bar.update(1)
+
+            # ---- log the training metrics (every process adds its part; rank 0 writes)
+            if due["log"]:
+                log_training(cfg, logger, progress, interval, grad_norm, factor, skipped_entries, device)
+                interval = Interval(device)
+            # ---- evaluate and keep the best model (every process evaluates its share; rank 0 saves best/)
+            if due["eval"]:
+                val_loss = evaluate(model, val_loader, device, dtype)
+                logger.log({"val/loss": val_loss}, step)
+                log(f"step {step}: val loss {val_loss:.4f}")
+                if val_loss < progress.best_val_loss:
+                    progress.best_val_loss = val_loss
+                    if is_main:
+                        save_atomically(os.path.join(run_dir, "best"), partial(
+                            model.save_pretrained, save_language_model=cfg.stage == "finetune"))
+            # ---- caption the held-out images (rank 0)
+            if due["sample"] and sample_entries:
+                rows = caption_samples(model, sample_entries, sample_images, device, dtype)
+                logger.log_samples(rows, sample_images, step)
+            # ---- save a checkpoint (every process adds its skip counts; rank 0 writes)
+            if due["save"]:
+                save_checkpoint(run_dir, cfg, model, optimizer, scaler, progress, device, is_main)
+            # ---- stop on SIGINT or SIGTERM: one process at once, several together at a logging step
+            if world_size == 1:
+                stopping = bool(stop_signals)
+            else:
+                stopping = due["log"] and all_reduce_sum(torch.tensor([len(stop_signals)], device=device)).item() > 0
+            if stopping and step < max_steps:
+                log(f"stop requested: checkpoint at step {step}; resume with --resume {run_dir}")
+                if progress.saved_at != step:
+                    save_checkpoint(run_dir, cfg, model, optimizer, scaler, progress, device, is_main)
                 break
     finally:
         logger.finish()

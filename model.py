@@ -7,7 +7,7 @@ in the chat prompt. `TinyVLM.from_config(cfg)` loads the encoders (hub ids or lo
 import json
 import os
 import threading
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -20,7 +20,7 @@ from transformers.image_processing_utils import ImageProcessingMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from data import IGNORE_INDEX, Processor, collate
+from data import IGNORE_INDEX, Processor, collate, model_positions
 
 
 # google/siglip-base-patch16-224's preprocessor_config.json: for encoders built from a config (tests, bench.py,
@@ -81,8 +81,10 @@ def sdpa_varlen(module, query, key, value, attention_mask, position_ids=None, **
     """sdpa that runs once per conversation of packed rows (data.packed_batch), as flash-attention's varlen
     kernels do. Plain sdpa scores every token of a packed row against the whole row and masks out the other
     conversations; here a token costs only its own conversation. A conversation starts where the position ids
-    restart at 0, and packed rows have no padding mask. Batches whose position ids do not restart (padded
-    batches, generation with its cache) get plain sdpa. query: (B, heads, T, head_dim), key and value:
+    restart at 0; the block-diagonal mask of packed rows (training_attention_mask) is then not needed. Batches
+    whose position ids do not restart (padded batches, generation with its cache) get plain sdpa. For CPUs:
+    the conversations' bounds are read back from the device in every layer, which on a GPU would stall its
+    queue 30 times a step (pick_attention). query: (B, heads, T, head_dim), key and value:
     (B, kv_heads, T, head_dim); returns (B, T, heads, head_dim), as sdpa does."""
     batch, heads, length, head_dim = query.shape
     if position_ids is None or key.shape[2] != length or not (position_ids[:, 1:] == 0).any():
@@ -102,7 +104,7 @@ def sdpa_varlen(module, query, key, value, attention_mask, position_ids=None, **
 
 
 # transformers' documented way to add an attention implementation. Its mask is sdpa's, for batches that are not
-# packed; for packed rows transformers still builds the block-diagonal mask, and sdpa_varlen leaves it unused.
+# packed (generation); packed rows come with the model's own block-diagonal mask, which sdpa_varlen leaves unused.
 AttentionInterface.register("sdpa_varlen", sdpa_varlen)
 AttentionMaskInterface.register("sdpa_varlen", sdpa_mask)
 
@@ -154,25 +156,62 @@ def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 class Projector(nn.Module):
-    """LayerNorm, then a SwiGLU MLP: down(silu(gate(x)) * up(x)). The LayerNorm puts features from any encoder
-    layer (unnormalised hidden states have large outlier channels) on one scale."""
+    """The modality projector: pixel shuffle, a LayerNorm, then a SwiGLU MLP: down(silu(gate(x)) * up(x)).
+    The LayerNorm puts features from any encoder layer (unnormalised hidden states have large outlier
+    channels) on one scale. (N, S*S, D) -> (N, (S/r)^2, out_dim)."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, pixel_shuffle_factor: int):
         super().__init__()
-        self.norm = nn.LayerNorm(in_dim)
-        self.gate = nn.Linear(in_dim, hidden_dim, bias=False)
-        self.up = nn.Linear(in_dim, hidden_dim, bias=False)
+        self.pixel_shuffle_factor = pixel_shuffle_factor
+        self.norm = nn.LayerNorm(in_dim * pixel_shuffle_factor**2)
+        self.gate = nn.Linear(in_dim * pixel_shuffle_factor**2, hidden_dim, bias=False)
+        self.up = nn.Linear(in_dim * pixel_shuffle_factor**2, hidden_dim, bias=False)
         self.down = nn.Linear(hidden_dim, out_dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x)
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = pixel_shuffle(features, self.pixel_shuffle_factor)  # (N, (S/r)^2, r*r*D)
+        x = self.norm(x.to(self.norm.weight.dtype))  # float32 weights; autocast runs the linears in its dtype
+        return self.down(F.silu(self.gate(x)) * self.up(x))  # (N, (S/r)^2, out_dim)
 
 
-def keep_vision_layers(vision: nn.Module, feature_layer: int) -> None:
+class VisionEncoder(nn.Module):
+    """The frozen vision encoder with its own preprocessing: uint8 images in, the feature layer's patch
+    features out, (N, 3, H, W) -> (N, S*S, D). The layers after the feature layer are dropped, and so are
+    SigLIP's post-layernorm and pooling head (their outputs are not the feature layer's), so nothing is
+    computed for nothing. Rescaling and normalising happen here, on the device, inside the compiled region
+    (one fused kernel instead of five passes over the batch's pixels)."""
+
+    def __init__(self, model: nn.Module, feature_layer: int, rescale_factor: float, mean: list, std: list):
+        super().__init__()
+        transformer = getattr(model, "vision_model", model)  # transformers < 5.20 wraps it in vision_model
+        keep_vision_layers(transformer.encoder, feature_layer)
+        transformer.post_layernorm = nn.Identity()
+        if getattr(transformer, "use_head", False):
+            transformer.use_head = False
+            del transformer.head
+        self.model = model.eval().requires_grad_(False)
+        self.config = model.config
+        # x * scale + shift == (x * rescale_factor - mean) / std, per channel
+        self.register_buffer("scale", rescale_factor / torch.tensor(std).view(1, 3, 1, 1), False)
+        self.register_buffer("shift", -torch.tensor(mean).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1), False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return getattr(self.model, "vision_model", self.model).encoder.layers
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = (pixels.float() * self.scale + self.shift).to(self.dtype)  # (N, 3, H, W)
+            return self.model(pixel_values=x).last_hidden_state  # (N, S*S, D): the feature layer's output
+
+
+def keep_vision_layers(encoder: nn.Module, feature_layer: int) -> None:
     """Drop the encoder layers after the one whose output feeds the projector: they would be computed for
     nothing. After this, the last hidden state the encoder returns is hidden_states[feature_layer]."""
-    encoder = getattr(vision, "vision_model", vision).encoder  # transformers < 5.20 wraps it in vision_model
     num_layers = len(encoder.layers)
     keep = feature_layer + num_layers + 1 if feature_layer < 0 else feature_layer
     if not 0 <= keep <= num_layers:
@@ -180,28 +219,73 @@ def keep_vision_layers(vision: nn.Module, feature_layer: int) -> None:
     encoder.layers = encoder.layers[:keep]
 
 
+def training_attention_mask(input_ids: torch.Tensor, position_ids, implementation: str, dtype: torch.dtype):
+    """The attention mask of a training batch, (B, 1, T, T), built on the device, or None:
+    - a right-padded batch needs none: every real token comes before every pad and, attending causally, sees
+      only real tokens; the pads carry no targets. sdpa then runs its causal kernels (flash attention and
+      native grouped-query attention on GPUs). Eager attention is not causal by itself: it gets the causal mask.
+    - packed rows (position ids given, restarting at 0 where a conversation starts) get the block-diagonal
+      causal mask, so that no conversation sees another: booleans for sdpa, additive floats for eager.
+    - flash-attention kernels take no mask: transformers finds the conversations in position_ids itself."""
+    if implementation.startswith("flash") or (position_ids is None and implementation != "eager"):
+        return None
+    length = input_ids.shape[1]
+    allowed = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()[None]  # (1, T, T)
+    if position_ids is not None:
+        conversation = (position_ids == 0).cumsum(-1)  # (B, T): which conversation of its row a token is in
+        allowed = allowed & (conversation[:, :, None] == conversation[:, None, :])  # (B, T, T)
+    allowed = allowed.expand(input_ids.shape[0], -1, -1)[:, None]  # (B, 1, T, T)
+    if implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
+# transformers builds an LM's attention mask from the padding mask or the position ids it is given, and reads
+# one of them back on the host to decide whether the mask can be skipped: a sync in every forward. TinyVLM's
+# training forward knows its mask already (training_attention_mask), so it runs the LM under these names, for
+# which no mask function is registered: transformers then builds no mask and passes on the one given, or none.
+# (A 4D mask, as packed rows and eager attention get, is passed on as it is under any name.)
+GIVEN_MASK = "tinyvlm_given_mask:"
+AttentionInterface.register(GIVEN_MASK + "sdpa", sdpa_attention_forward)
+AttentionInterface.register(GIVEN_MASK + "sdpa_varlen", sdpa_varlen)
+
+
+@contextmanager
+def given_masks(language_model: nn.Module):
+    """Within: the language model takes its attention mask as given (see GIVEN_MASK), under the alias of its
+    attention implementation; outside, it is its usual self (generation, export)."""
+    implementation = language_model.config._attn_implementation
+    if GIVEN_MASK + implementation not in AttentionInterface._global_mapping:
+        yield
+        return
+    language_model.config._attn_implementation = GIVEN_MASK + implementation
+    try:
+        yield
+    finally:
+        language_model.config._attn_implementation = implementation
+
+
 class TinyVLM(nn.Module):
     def __init__(self, config: ModelConfig, vision: nn.Module, language_model: nn.Module, tokenizer,
                  image_settings: dict):
         super().__init__()
         self.config = config
-        keep_vision_layers(vision, config.vision_feature_layer)
-        self.vision = vision.eval().requires_grad_(False)
         self.lm = language_model.requires_grad_(False)
         vision_config = vision.config
         grid = vision_config.image_size // vision_config.patch_size
         self.num_image_tokens = (grid // config.pixel_shuffle_factor) ** 2
-        self.projector = Projector(
-            vision_config.hidden_size * config.pixel_shuffle_factor**2,
-            config.projector_hidden_dim,
-            language_model.config.hidden_size,
-        )
         self.processor = Processor(tokenizer, image_settings, config.image_token, self.num_image_tokens,
                                    config.system_prompt)
         self.image_token_id = self.processor.image_token_id
-        # rescaled and normalised on the model's device: images travel as uint8
-        self.register_buffer("pixel_mean", torch.tensor(self.processor.image_mean).view(1, 3, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(self.processor.image_std).view(1, 3, 1, 1), False)
+        # images travel as uint8 (4x fewer bytes to the device) and are normalised there, in the encoder
+        self.vision = VisionEncoder(vision, config.vision_feature_layer, self.processor.rescale_factor,
+                                    self.processor.image_mean, self.processor.image_std)
+        self.projector = Projector(vision_config.hidden_size, config.projector_hidden_dim,
+                                   language_model.config.hidden_size, config.pixel_shuffle_factor)
+
+    @property
+    def device(self) -> torch.device:
+        return self.projector.down.weight.device
 
     # -- loading and saving --------------------------------------------------------------------------------
 
@@ -255,7 +339,7 @@ class TinyVLM(nn.Module):
         if os.path.isdir(os.path.dirname(lm_file)) and not os.path.isfile(lm_file):
             raise FileNotFoundError(f"{lm_file} not found (a sharded save? TinyVLM writes one file)")
         if os.path.isfile(lm_file):
-            weights = load_file(lm_file, device=str(self.pixel_mean.device))
+            weights = load_file(lm_file, device=str(self.device))
             missing, unexpected = self.lm.load_state_dict(weights, strict=False)
             tied = {"lm_head.weight"} if self.lm.config.tie_word_embeddings else set()
             if unexpected or set(missing) - tied:
@@ -272,16 +356,19 @@ class TinyVLM(nn.Module):
             self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def compile_regions(self, backend: str = "inductor", mode: str | None = None) -> None:
-        """torch.compile where the time goes, one region at a time: the vision tower, the projector and each
-        decoder layer of the language model. The decoder layers share their code, and since torch 2.5 their
-        weights are graph inputs, so one compiled graph serves all 30 of them: compile time is that of one
-        layer, not of the whole model (PyTorch's "regional compilation" recipe). The loss, the masked scatter
-        and the LM head at target positions (shapes that depend on the data) stay eager. A batch of a new
-        length or size recompiles once with that dimension marked dynamic (torch's automatic dynamic
-        shapes), and never again (tests/test_compile.py counts). nn.Module.compile keeps parameter names, so
-        checkpoints are the same with and without it."""
+        """torch.compile where the time goes, one region at a time: the vision encoder (with its pixel
+        normalisation), the projector (with its pixel shuffle) and each decoder layer of the language model.
+        The decoder layers share their code, and their weights are graph inputs, so one compiled graph serves
+        all of them: compile time is that of one layer, not of the whole model (PyTorch's "regional
+        compilation" recipe). Shapes are dynamic from the first batch (dynamic=True): micro-batches of every
+        length and size run the same graph; only a batch of one sample (or one image) gets a second, which
+        dynamo specializes for size 1. So no region recompiles for a new shape or nears dynamo's recompile
+        limit (8), past which it would silently run eagerly (tests/test_compile.py counts the graphs of a
+        real run). The loss and the gather of target positions stay eager. Validation and generation run
+        eagerly (torch.compiler.set_stance), so eval mode compiles nothing either. nn.Module.compile keeps
+        parameter names, so checkpoints are the same with and without it."""
         for region in (self.vision, self.projector, *self.lm.get_decoder().layers):
-            region.compile(backend=backend, mode=mode)
+            region.compile(backend=backend, mode=mode, dynamic=True)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -292,43 +379,55 @@ class TinyVLM(nn.Module):
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 images (N, 3, H, W) -> projected image tokens (N, num_image_tokens, lm_hidden)."""
-        with torch.no_grad():
-            x = pixels.float() * self.processor.rescale_factor  # (N, 3, H, W)
-            x = ((x - self.pixel_mean) / self.pixel_std).to(self.vision.dtype)
-            hidden_states = self.vision(pixel_values=x, output_hidden_states=True).hidden_states
-            if not hidden_states:  # transformers returns none from an encoder left with no layers
-                hidden_states = [getattr(self.vision, "vision_model", self.vision).embeddings(x)]
-            features = hidden_states[-1]  # (N, S*S, D): the feature layer, the encoder's last kept layer
-        features = pixel_shuffle(features, self.config.pixel_shuffle_factor)  # (N, num_image_tokens, r*r*D)
-        return self.projector(features.to(self.projector.gate.weight.dtype))  # (N, num_image_tokens, H)
+        torch._dynamo.maybe_mark_dynamic(pixels, 0)  # a batch of 3 images is not the 3 colour channels
+        return self.projector(self.vision(pixels))  # (N, S*S, D) features -> (N, num_image_tokens, H)
 
-    def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with the image tokens written over the placeholders, in one masked scatter:
-        the k-th image fills the k-th run of placeholders in row-major order. (B, T) -> (B, T, H)."""
+    def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | None,
+              image_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the image tokens written over the placeholders: the k-th image fills the
+        k-th run of placeholders in row-major order. image_positions (data.model_positions, computed on the
+        host) are the placeholders' flat indices into B * T; without them they are found here, which reads
+        their number back from the device. (B, T) -> (B, T, H)."""
         is_image = input_ids == self.image_token_id  # (B, T)
         # the placeholder id may lie beyond the LM's vocabulary; its embedding is overwritten anyway
         embeds = self.lm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # (B, T, H)
         if pixels is None:
             return embeds
-        image_embeds = self.encode_images(pixels)  # (N, num_image_tokens, H)
-        return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
+        if image_positions is None:
+            image_positions = is_image.flatten().nonzero().flatten()
+        image_embeds = self.encode_images(pixels).to(embeds.dtype)  # (N, num_image_tokens, H)
+        # index_put at given positions, not masked_scatter: its backward gathers at the same positions, where
+        # masked_scatter's is a masked_select, whose output size the device would have to report to the host.
+        # Out of place and in (B, T) indices, so that the result is a tensor of its own and not a view (the
+        # first decoder layer would otherwise compile a graph of its own for its view input)
+        rows, columns = image_positions // input_ids.shape[1], image_positions % input_ids.shape[1]
+        return embeds.index_put((rows, columns), image_embeds.flatten(0, 1))  # (B, T, H)
 
-    def forward(self, input_ids, attention_mask, labels, pixels=None, position_ids=None) -> torch.Tensor:
-        """Summed cross-entropy over the target tokens (labels != IGNORE_INDEX). The caller divides by the
-        number of target tokens in the whole optimizer step, so every token weighs the same however the
-        step is split into micro-batches. The LM head runs only at target positions: image and prompt
-        positions never get (vocab-sized) logits. A packed batch (data.packed_batch) comes with position_ids
-        that restart at each sample and no attention_mask."""
-        embeds = self.embed(input_ids, pixels)  # (B, T, H)
-        # use_cache=False: with a cache (the config's default), transformers ignores restarting position ids and
-        # lets packed samples attend to each other; training has no use for a cache anyway, and a compiled
-        # decoder layer would guard on it
-        hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                       use_cache=False).last_hidden_state  # (B, T, H)
-        targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
-        is_target = targets != IGNORE_INDEX
-        logits = self.lm.get_output_embeddings()(hidden[:, :-1][is_target])  # (num_targets, vocab)
-        return F.cross_entropy(logits.float(), targets[is_target], reduction="sum")
+    def forward(self, input_ids, labels, pixels=None, position_ids=None, image_positions=None,
+                target_positions=None, reduction: str = "sum") -> torch.Tensor:
+        """Summed cross-entropy over the target tokens (labels != IGNORE_INDEX; per token with reduction
+        "none"). The caller divides by the number of target tokens in the whole optimizer step, so every token
+        weighs the same however the step is split into micro-batches. The LM head runs only at target
+        positions: image and prompt positions never get (vocab-sized) logits.
+
+        A padded batch (right-padded) needs no attention mask, a packed one (data.packed_batch: position ids
+        that restart at each sample) its block-diagonal one: training_attention_mask. image_positions and
+        target_positions come from the host (data.model_positions), so that the step reads nothing back from
+        the device."""
+        embeds = self.embed(input_ids, pixels, image_positions)  # (B, T, H)
+        mask = training_attention_mask(input_ids, position_ids, self.lm.config._attn_implementation,
+                                       embeds.dtype)  # None or (B, 1, T, T)
+        # use_cache=False: with a cache (the config's default), transformers ignores restarting position ids;
+        # training has no use for a cache anyway, and a compiled decoder layer would guard on it
+        with given_masks(self.lm):
+            hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                                           use_cache=False).last_hidden_state  # (B, T, H)
+        if target_positions is None:
+            target_positions = model_positions(input_ids, labels, None)["target_positions"].to(input_ids.device)
+        hidden = hidden.flatten(0, 1).index_select(0, target_positions)  # (num_targets, H)
+        targets = labels.flatten().index_select(0, target_positions + 1)  # (num_targets,): the next tokens
+        logits = self.lm.get_output_embeddings()(hidden)  # (num_targets, vocab)
+        return F.cross_entropy(logits.float(), targets, reduction=reduction)
 
     # -- inference -----------------------------------------------------------------------------------------
 
@@ -348,10 +447,9 @@ class TinyVLM(nn.Module):
             input_ids = self.processor.encode_prompt(messages)
             pixels = self.processor.images_to_pixels(images_of_prompt)  # None, (3, H, W) or (k, 3, H, W)
             samples.append({"input_ids": input_ids, "labels": [IGNORE_INDEX] * len(input_ids), "pixels": pixels})
-        batch = collate(samples, self.processor.tokenizer.pad_token_id, padding_side="left")
-        device = self.pixel_mean.device
-        return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
-                "pixels": None if batch["pixels"] is None else batch["pixels"].to(device)}
+        batch = collate(samples, self.processor.tokenizer.pad_token_id, self.image_token_id, padding_side="left")
+        return {key: None if batch[key] is None else batch[key].to(self.device)
+                for key in ("input_ids", "attention_mask", "pixels", "image_positions")}
 
     @torch.no_grad()
     def generate(self, images: list, prompts, max_new_tokens: int = 64, do_sample: bool = False,
@@ -365,7 +463,7 @@ class TinyVLM(nn.Module):
         # a model compiled for training generates eagerly: each decoding step with its growing KV cache would
         # otherwise trigger recompilations, for a few captions now and then
         with torch.compiler.set_stance("force_eager"):
-            embeds = self.embed(batch["input_ids"], batch["pixels"])  # (B, T, H)
+            embeds = self.embed(batch["input_ids"], batch["pixels"], batch["image_positions"])  # (B, T, H)
             output = self.lm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                                       max_new_tokens=max_new_tokens, eos_token_id=self.processor.end_of_turn_id,
                                       pad_token_id=tokenizer.pad_token_id, **sampling, **generate_options)
@@ -378,7 +476,7 @@ class TinyVLM(nn.Module):
         or LLaVA turns; the image goes in the first user turn, as in LLaVA data (Processor.chat_messages).
         generation: generate()'s options (max_new_tokens, do_sample, temperature, top_p, ...). Runs in mixed
         precision when the language model's weights are half precision, as generate.py does."""
-        with autocast(self.pixel_mean.device, self.lm.dtype):
+        with autocast(self.device, self.lm.dtype):
             return self.generate([image], [conversation], **generation)[0]
 
     def chat_stream(self, conversation: list[dict], image=None, **generation):

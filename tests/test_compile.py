@@ -1,14 +1,16 @@
-"""torch.compile (VLMConfig.compile): compiled regions agree with eager, batches of new lengths and sizes do not
-recompile every step, generation works on a compiled model, and the compile switch resolves per device."""
+"""torch.compile (VLMConfig.compile): compiled regions agree with eager, a real run compiles a fixed number of
+graphs whatever its batches, generation works on a compiled model, and the compile switch resolves per device."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
 
 from data import collate
-from main import build_model, forward_backward
+from main import build_model, forward_backward, train
 from model import pick_compile, pick_dtype
+from test_finetune import finetune_config, instruct_data, stage1_model  # noqa: F401 (fixtures)
 from test_train import samples
 
 CPU = torch.device("cpu")
@@ -16,8 +18,8 @@ CPU = torch.device("cpu")
 
 def gradients_of_one_step(model, batch, dtype=torch.bfloat16) -> tuple[float, torch.Tensor]:
     model.zero_grad()
-    loss, _, _ = forward_backward(model, [batch], CPU, dtype, torch.amp.GradScaler("cpu", enabled=False))
-    return loss.item(), torch.cat([p.grad.flatten().float() for p in model.projector.parameters()])
+    loss_sum = forward_backward(model, [batch], CPU, dtype, torch.amp.GradScaler("cpu", enabled=False))
+    return loss_sum.item() / batch["num_targets"], torch.cat([p.grad.flatten().float() for p in model.projector.parameters()])
 
 
 def test_compiled_and_eager_losses_and_projector_gradients_agree(tiny_config):
@@ -41,33 +43,55 @@ def test_compiled_and_eager_losses_and_projector_gradients_agree(tiny_config):
     assert gradient.norm() > 0
 
 
-def test_batches_of_new_lengths_and_sizes_recompile_once_then_never(tiny_config):
-    """A counting backend sees every graph torch.compile makes. The first batch compiles each region; a batch
-    of another length and size recompiles once with those dimensions dynamic; ten more batches of other
-    lengths and sizes compile nothing."""
-    graphs = []
+def region_of(graph_module) -> str:
+    """Which compiled region a graph is of, from the names of the weights it takes as inputs."""
+    code = graph_module.code
+    return "vision" if "patch_embedding" in code else "decoder layer" if "self_attn" in code else "projector"
+
+
+def graphs_of_a_run(cfg, monkeypatch) -> dict:
+    """main.py's loop with compile on, under a backend that counts the graphs torch.compile makes per region,
+    and with dynamo told to fail instead of silently falling back to eager at its recompile limit."""
+    from model import TinyVLM
+
+    graphs = {}
 
     def counting_backend(graph_module, example_inputs):
-        graphs.append(graph_module)
+        graphs[region_of(graph_module)] = graphs.get(region_of(graph_module), 0) + 1
         return graph_module.forward
 
+    compile_regions = TinyVLM.compile_regions
+    monkeypatch.setattr(TinyVLM, "compile_regions", lambda self: compile_regions(self, backend=counting_backend))
     torch._dynamo.reset()
-    model = build_model(tiny_config, CPU, torch.float32)
-    model.compile_regions(backend=counting_backend)
-    pad = model.processor.tokenizer.pad_token_id
-    data = samples(model, 14)
-    plan = [(0, 4), (8, 2), (1, 3), (5, 4), (3, 3), (9, 4), (2, 2), (6, 3), (4, 4), (10, 2), (7, 3), (11, 3)]
-    batches = [collate(data[start:start + size], pad) for start, size in plan]  # (first sample, batch size)
-    shapes = [tuple(b["input_ids"].shape) for b in batches]
-    assert len(set(shapes)) >= 8 and all(a != b for a, b in zip(shapes[0], shapes[1]))  # both dimensions change
-    counts = []
-    for batch in batches:
-        gradients_of_one_step(model, batch)
-        counts.append(len(graphs))
-    regions = 2 + len(model.lm.get_decoder().layers)  # the vision tower, the projector and the decoder layers
-    assert 0 < counts[0] <= regions  # the decoder layers may share one graph: their code is the same
-    assert counts[1] <= 2 * counts[0]
-    assert counts[-1] == counts[1], counts  # no recompilation after the second batch
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        train(cfg, build_model(cfg, CPU, torch.float32), CPU, torch.float32)
+    return graphs
+
+
+def test_a_compiled_run_makes_two_graphs_per_region_whatever_the_batches(tiny_config, shapes_data, tmp_path,
+                                                                          monkeypatch):
+    """Steps of varying lengths (each micro-batch as long as its longest sample), micro-batches that lost
+    samples to missing images, down to one sample, validation passes, captions of held-out images and
+    checkpoints: each region compiles two graphs, one dynamic from the first batch and one that dynamo
+    specializes for a batch of one (sample or image), and never more."""
+    entries = json.load(open(f"{shapes_data}/chat.json"))
+    for entry in entries[::3]:
+        entry["image"] = "missing.jpg"
+    (tmp_path / "holes.json").write_text(json.dumps(entries))
+    cfg = dataclasses.replace(tiny_config, compile="true", data_path=str(tmp_path / "holes.json"), batch_size=3,
+                              grad_accum_steps=2, max_steps=8, log_every=2, eval_every=4, save_every=4,
+                              sample_every=4, num_sample_images=2)
+    graphs = graphs_of_a_run(cfg, monkeypatch)
+    assert graphs == {"vision": 2, "projector": 2, "decoder layer": 2}, graphs
+
+
+def test_a_compiled_packed_stage2_run_makes_two_graphs_per_region(finetune_config, monkeypatch):
+    """Packed micro-batches of several rows and of one, text-only ones among them."""
+    cfg = dataclasses.replace(finetune_config, compile="true", packing=True, attn_implementation="sdpa",
+                              batch_size=2, grad_accum_steps=3, max_tokens_per_batch=256, max_steps=4, log_every=2,
+                              eval_every=4, save_every=4, sample_every=0)
+    graphs = graphs_of_a_run(cfg, monkeypatch)
+    assert graphs == {"vision": 2, "projector": 2, "decoder layer": 2}, graphs
 
 
 def test_generate_works_on_a_compiled_model_and_answers_like_eager(tiny_config, shapes_data):

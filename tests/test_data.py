@@ -11,7 +11,8 @@ from PIL import Image
 
 import demo
 from data import (IGNORE_INDEX, ImageFolder, ImageZip, LLaVADataset, Processor, StreamSampler, check_entry, collate,
-                  decode_image, filter_entries, load_llava_json, split_entries, to_messages, to_rgb)
+                  decode_image, filter_entries, load_llava_json, pack_step, padded_step, split_entries, to_messages,
+                  to_rgb)
 
 CAPTION = "olive oil is a healthy ingredient used liberally ."
 INSTRUCTION = "Provide a brief description of the given image."
@@ -176,6 +177,23 @@ def test_bad_images_are_skipped_and_counted(processor, tmp_path):
     batch = collate([dataset[i] for i in range(len(entries))], pad_token_id=2)
     assert len(batch["input_ids"]) == 2 and batch["pixels"].shape[0] == 2  # good.jpg and sixteen_bit.png
     assert batch["skipped"] == {"image unreadable": 2, "image missing": 1}
+
+
+def test_skip_counts_survive_the_pin_memory_step_of_a_cuda_data_loader(processor, monkeypatch):
+    """With pin_memory (on CUDA), the DataLoader copies each batch's dicts and update()s the copies with their
+    pinned values: a Counter would come back with its counts doubled. Run here with pinning itself a no-op."""
+    from collections import Counter
+
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor, *args, **kwargs: tensor)
+    turns = llava_turns("<image>\nDescribe.")
+    sample = {"pixels": torch.zeros(3, 8, 8, dtype=torch.uint8)}
+    sample["input_ids"], sample["labels"] = processor.encode(to_messages(turns, processor.image_placeholder))
+    samples = [sample, {"skipped": "image missing"}, {"skipped": "image missing"}, {"skipped": "too long"}]
+    for step in (padded_step(samples, 2, 0, processor.image_token_id), pack_step(samples, 256, 512, 0)):
+        assert pin_memory(step)[0]["skipped"] == {"image missing": 2, "too long": 1}
+    assert pin_memory({"skipped": Counter({"image missing": 2})})["skipped"]["image missing"] == 4  # a Counter would
 
 
 def test_an_over_long_sample_is_skipped(tokenizer, shapes_data):

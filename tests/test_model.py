@@ -1,5 +1,7 @@
 """The model: pixel shuffle, projector, placeholder scatter, the position-only loss, freezing, saving."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,8 +38,8 @@ def test_pixel_shuffle_rejects_a_grid_it_cannot_divide():
 
 
 def test_projector_shapes_and_parameter_count():
-    projector = Projector(in_dim=3072, hidden_dim=1536, out_dim=576)
-    assert projector(torch.randn(2, 49, 3072)).shape == (2, 49, 576)
+    projector = Projector(in_dim=768, hidden_dim=1536, out_dim=576, pixel_shuffle_factor=2)
+    assert projector(torch.randn(2, 196, 768)).shape == (2, 49, 576)  # 14 x 14 patches -> 7 x 7 tokens
     layer_norm = 2 * 3072
     assert sum(p.numel() for p in projector.parameters()) == layer_norm + 2 * 3072 * 1536 + 1536 * 576
 
@@ -50,7 +52,7 @@ def test_default_model_is_about_300m_parameters():
         lm = LlamaForCausalLM(LlamaConfig(
             vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
             num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True))
-        projector = Projector(768 * cfg.pixel_shuffle_factor**2, cfg.projector_hidden_dim, 576)
+        projector = Projector(768, cfg.projector_hidden_dim, 576, cfg.pixel_shuffle_factor)
     total = sum(p.numel() for m in (vision, lm, projector) for p in m.parameters())
     assert 290e6 < total < 310e6, total
 
@@ -97,7 +99,7 @@ def test_text_only_samples_mix_with_image_samples(tiny_model):
 def test_position_only_loss_equals_full_logits_cross_entropy(tiny_model):
     batch = image_batch(tiny_model, num_samples_with_images=3)
     with torch.no_grad():
-        loss = tiny_model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixels"])
+        loss = tiny_model(batch["input_ids"], batch["labels"], batch["pixels"])
         embeds = tiny_model.embed(batch["input_ids"], batch["pixels"])
         logits = tiny_model.lm(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
@@ -106,9 +108,62 @@ def test_position_only_loss_equals_full_logits_cross_entropy(tiny_model):
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
 
 
+def masked_token_losses(model, batch) -> torch.Tensor:
+    """The reference: transformers' own path with the padding mask, per target token."""
+    embeds = model.embed(batch["input_ids"], batch["pixels"])
+    logits = model.lm(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits[:, :-1]  # (B, T-1, V)
+    targets = batch["labels"][:, 1:]
+    return F.cross_entropy(logits[targets != IGNORE_INDEX].float(), targets[targets != IGNORE_INDEX], reduction="none")
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_right_padded_training_without_a_mask_matches_the_masked_path(tiny_config, attention, stage):
+    """Training passes no padding mask (sdpa runs causal); every token's loss and every trained weight's
+    gradient (the projector; in stage 2 the language model too) are those of the masked path, to float noise."""
+    from main import build_model
+
+    model = build_model(dataclasses.replace(tiny_config, attn_implementation=attention), torch.device("cpu"),
+                        torch.float32)
+    model.lm.requires_grad_(stage == "finetune")
+    batch = image_batch(model, num_samples_with_images=3, num_text_only=1)
+    assert len(set(batch["attention_mask"].sum(1).tolist())) == 4  # four lengths: three rows have pads
+    trained = [p for p in model.parameters() if p.requires_grad]
+
+    def losses_and_gradients(losses):
+        gradients = torch.autograd.grad(losses.sum(), trained)
+        return losses.detach(), torch.cat([g.flatten() for g in gradients])
+
+    unmasked = losses_and_gradients(model(batch["input_ids"], batch["labels"], batch["pixels"], reduction="none"))
+    masked = losses_and_gradients(masked_token_losses(model, batch))
+    torch.testing.assert_close(unmasked[0], masked[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unmasked[1], masked[1], rtol=1e-4, atol=1e-6)
+    assert unmasked[1].abs().max() > 1e-3  # gradients to compare
+
+
+def test_sdpa_training_runs_causal_with_grouped_query_heads_and_no_mask(tiny_model, monkeypatch):
+    """What lets a GPU take its flash kernel: no attn_mask, is_causal, and the 2 key/value heads of 4 query heads
+    passed as they are (enable_gqa), not repeated."""
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(query, key, value, *args, **kwargs):
+        calls.append((query.shape[1], key.shape[1], kwargs.get("attn_mask"), kwargs.get("is_causal"),
+                      kwargs.get("enable_gqa", False)))
+        return sdpa(query, key, value, *args, **kwargs)
+
+    tiny_model.lm.set_attn_implementation("sdpa")
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    batch = image_batch(tiny_model, num_samples_with_images=3)
+    tiny_model(batch["input_ids"], batch["labels"], batch["pixels"])
+    language_model_calls = calls[-tiny_model.lm.config.num_hidden_layers:]
+    assert language_model_calls == [(4, 2, None, True, True)] * tiny_model.lm.config.num_hidden_layers
+    assert tiny_model.lm.config._attn_implementation == "sdpa"  # as it was before the forward, for generation
+
+
 def test_only_the_projector_gets_gradients(tiny_model):
     batch = image_batch(tiny_model, num_samples_with_images=2)
-    tiny_model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixels"]).backward()
+    tiny_model(batch["input_ids"], batch["labels"], batch["pixels"]).backward()
     for name, parameter in tiny_model.named_parameters():
         if name.startswith("projector."):
             assert parameter.requires_grad and parameter.grad is not None and parameter.grad.abs().sum() > 0
@@ -127,8 +182,8 @@ def test_save_and_load_round_trip(tiny_model, tmp_path):
         assert torch.equal(a, b), name
     batch = image_batch(tiny_model, num_samples_with_images=2)
     with torch.no_grad():
-        assert torch.equal(tiny_model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixels")}),
-                           loaded(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixels")}))
+        assert torch.equal(tiny_model(**{k: batch[k] for k in ("input_ids", "labels", "pixels")}),
+                           loaded(**{k: batch[k] for k in ("input_ids", "labels", "pixels")}))
 
 
 def test_vision_feature_layer_picks_that_hidden_state_and_drops_later_layers(tiny_models):
@@ -139,10 +194,10 @@ def test_vision_feature_layer_picks_that_hidden_state_and_drops_later_layers(tin
     for layer, kept in ((-1, 2), (-2, 1), (0, 0)):
         cfg = VLMConfig(**tiny_models, vision_feature_layer=layer, projector_hidden_dim=8, device="cpu")
         model = build_model(cfg, torch.device("cpu"), torch.float32)
-        assert len(model.vision.encoder.layers) == kept
+        assert len(model.vision.layers) == kept
         with torch.no_grad():
             features = full(pixel_values=(pixels.float() / 255 - 0.5) / 0.5, output_hidden_states=True)
-            expected = model.projector(pixel_shuffle(features.hidden_states[layer], 2))
+            expected = model.projector(features.hidden_states[layer])
             torch.testing.assert_close(model.encode_images(pixels), expected)
 
 
@@ -157,7 +212,7 @@ def test_speed_switches_keep_the_loss(tiny_config):
         model = build_model(cfg, torch.device("cpu"), dtype)
         batch = image_batch(model, num_samples_with_images=3)
         with torch.no_grad(), autocast(torch.device("cpu"), dtype):
-            return model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixels"]).item()
+            return model(batch["input_ids"], batch["labels"], batch["pixels"]).item()
 
     torch.manual_seed(0)
     eager = loss_of(dataclasses.replace(tiny_config, attn_implementation="eager"), torch.float32)

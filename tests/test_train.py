@@ -8,12 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from data import collate, to_messages
+from data import collate, padded_step, to_messages
 from main import (VLMConfig, build_model, checkpoint_folder, forward_backward, load_training_state, lr_factor, main,
                   parse_args, resolve_config, save_atomically, train)
 
@@ -73,6 +74,19 @@ def test_gradient_accumulation_weighs_every_target_token_the_same(tiny_model):
     assert len(set(lengths)) > 1
 
 
+def test_a_step_cut_by_length_has_the_gradient_of_the_whole_step_with_less_padding(tiny_model):
+    data = samples(tiny_model, 8)
+    data = [data[i] for i in (5, 0, 7, 2, 4, 1, 6, 3)]  # lengths out of order, as a shuffled stream gives them
+    pad, image = tiny_model.processor.tokenizer.pad_token_id, tiny_model.image_token_id
+    whole = accumulated_gradient(tiny_model, [collate(data, pad, image)])
+    by_length = padded_step(data + [{"skipped": "too long"}], 2, pad, image)
+    widths = [b["input_ids"].shape[1] for b in by_length]
+    assert len(by_length) == 4 and widths == sorted(widths, reverse=True) and by_length[0]["skipped"]
+    torch.testing.assert_close(accumulated_gradient(tiny_model, by_length), whole, rtol=1e-4, atol=1e-7)
+    in_stream_order = [collate(data[i:i + 2], pad, image) for i in range(0, 8, 2)]
+    assert sum(b["input_ids"].numel() for b in by_length) < sum(b["input_ids"].numel() for b in in_stream_order)
+
+
 def test_a_tiny_model_overfits_a_handful_of_samples(tiny_config, shapes_data, tmp_path):
     entries = json.load(open(f"{shapes_data}/chat.json"))[:4]
     (tmp_path / "four.json").write_text(json.dumps(entries))
@@ -107,6 +121,33 @@ def test_resume_continues_exactly_where_the_run_stopped(tiny_config):
         assert torch.equal(a[name], b[name]), name
     assert [m["train/loss"] for m in metrics(straight) if "train/loss" in m] == \
         [m["train/loss"] for m in metrics(resumed) if "train/loss" in m]
+
+
+def as_if_saved_on_cuda(path: str) -> None:
+    """Rewrite a torch.save file so that its tensors say they were saved from cuda:0, as on a GPU machine:
+    each storage's location is a pickled string in data.pkl."""
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    pickled = next(name for name in members if name.endswith("data.pkl"))
+    cpu, cuda = b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0"
+    assert cpu in members[pickled]
+    members[pickled] = members[pickled].replace(cpu, cuda)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+def test_a_checkpoint_saved_on_cuda_0_resumes_on_another_device(tiny_config):
+    """Under torchrun each process resumes on its own GPU; here, where no cuda:0 exists at all, a state that
+    loaded onto its saved device would fail."""
+    run_dir = run(dataclasses.replace(tiny_config, max_steps=2, lr_decay_steps=4))
+    state_path = os.path.join(run_dir, "checkpoint", "training_state.pt")
+    as_if_saved_on_cuda(state_path)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(state_path, weights_only=True)  # the test can tell: loaded where it was saved, it fails
+    assert load_training_state(run_dir)["optimizer"]["state"][0]["exp_avg"].device == CPU
+    run(dataclasses.replace(tiny_config, max_steps=4, lr_decay_steps=4, resume=run_dir))
+    assert load_training_state(run_dir)["step"] == 4
 
 
 def test_resume_forgets_what_was_logged_after_the_checkpoint(tiny_config):

@@ -1,0 +1,98 @@
+"""No host-device sync inside a training step: main.py's real loop, stage 1 padded and stage 2 packed, with
+gradient accumulation, runs every step that logs nothing under syncs.no_syncs, which on a CPU raises at the
+first operation that would make the host wait for a GPU (syncs.SyncRecorder)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import main
+from main import build_model, train
+from model import TinyVLM
+from syncs import SyncRecorder, no_syncs
+from test_finetune import finetune_config, instruct_data, stage1_model  # noqa: F401 (fixtures)
+
+CPU = torch.device("cpu")
+
+
+def test_the_recorder_sees_each_kind_of_sync_and_nothing_else():
+    x = torch.arange(6.0, requires_grad=True)
+    mask = x.detach() > 2
+    waits = {
+        "item": lambda: x.sum().item(), "bool": lambda: bool(x.sum() > 0), "tolist": lambda: x.tolist(),
+        "cpu": lambda: x.cpu(), "nonzero": lambda: mask.nonzero(), "boolean index": lambda: x[mask],
+        "masked_select": lambda: x.masked_select(mask),
+        "masked_scatter": lambda: torch.zeros(6).masked_scatter(mask, x),
+        "index_put with a mask": lambda: torch.zeros(6).index_put_((mask,), torch.tensor(1.0)),
+    }
+    for name, operation in waits.items():
+        with SyncRecorder() as recorder:
+            operation()
+        assert recorder.syncs, name
+    index = torch.tensor([1, 3])
+    with SyncRecorder() as recorder:  # what TinyVLM's step does instead: indices computed on the host
+        y = torch.zeros(6, 2).index_copy(0, index, x[:2, None].expand(2, 2) * 2).index_select(0, index)
+        (y.sum() * 2).backward()
+        torch.nn.utils.clip_grad_norm_([x], 1.0)
+    assert recorder.syncs == []
+    with pytest.raises(RuntimeError, match="_local_scalar_dense"), no_syncs(CPU):
+        x.sum().item()
+
+
+def counting_quiet_steps(monkeypatch) -> list:
+    """Counts the steps main.py runs under no_syncs (enabled), and runs them there."""
+    quiet = []
+
+    def counted(device, enabled=True):
+        quiet.extend([1] if enabled else [])
+        return no_syncs(device, enabled)
+
+    monkeypatch.setattr(main, "no_syncs", counted)
+    return quiet
+
+
+def run(cfg) -> str:
+    return train(cfg, build_model(cfg, CPU, torch.float32), CPU, torch.float32)
+
+
+def test_stage1_padded_steps_with_accumulation_read_nothing_back(tiny_config, monkeypatch):
+    quiet = counting_quiet_steps(monkeypatch)
+    cfg = dataclasses.replace(tiny_config, check_syncs=True, batch_size=2, grad_accum_steps=2, max_steps=7,
+                              log_every=3, eval_every=6, save_every=6, sample_every=6, num_sample_images=2)
+    run(cfg)
+    assert len(quiet) == 4  # steps 3, 6 and the last (7) log, evaluate, caption or save; 1, 2, 4, 5 are quiet
+
+
+@pytest.mark.parametrize("packing, attention", [(True, "sdpa"), (True, "eager"), (False, "sdpa")])
+def test_stage2_steps_read_nothing_back(finetune_config, monkeypatch, packing, attention):
+    """Packed rows (the block-diagonal mask built on the device) and padded batches, text-only micro-batches
+    among them; sdpa is what GPUs get."""
+    quiet = counting_quiet_steps(monkeypatch)
+    cfg = dataclasses.replace(finetune_config, check_syncs=True, packing=packing, attn_implementation=attention,
+                              batch_size=2, grad_accum_steps=3, max_tokens_per_batch=256, max_steps=4,
+                              log_every=4, eval_every=4, save_every=4, sample_every=0)
+    run(cfg)
+    assert len(quiet) == 3
+
+
+def test_a_sync_inside_a_step_stops_the_run_and_says_where(tiny_config, monkeypatch):
+    forward = TinyVLM.forward
+
+    def forward_that_reads_the_loss(self, *args, **kwargs):
+        loss = forward(self, *args, **kwargs)
+        print(f"loss {loss.item()}")  # what a progress bar showing the loss of every step would do
+        return loss
+
+    monkeypatch.setattr(TinyVLM, "forward", forward_that_reads_the_loss)
+    with pytest.raises(RuntimeError, match="_local_scalar_dense[^\n]*\n(.|\n)*forward_that_reads_the_loss"):
+        run(dataclasses.replace(tiny_config, check_syncs=True, log_every=10, max_steps=3))
+
+
+def test_sdpa_varlen_reads_the_conversation_bounds_back_in_every_layer(finetune_config):
+    """Why GPUs do not get it: on a CPU the bounds are host values anyway, on a GPU they would stall it."""
+    cfg = dataclasses.replace(finetune_config, check_syncs=True, packing=True, attn_implementation="sdpa_varlen",
+                              batch_size=2, grad_accum_steps=2, max_steps=2, log_every=2, eval_every=2,
+                              save_every=2, sample_every=0)
+    with pytest.raises(RuntimeError, match="in sdpa_varlen"):
+        run(cfg)
