@@ -30,11 +30,16 @@ import torch
 import torch.nn.functional as F
 import transformers
 from PIL import Image, ImageDraw
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-from data import IGNORE_INDEX, LLaVADataset, collate, decode_image, open_image_source, pack_step, to_messages
-from main import FINETUNE_CONFIG, VLMConfig, build_model, forward_backward, load_training_state, train
-from model import SIGLIP_PREPROCESSING, ModelConfig, TinyVLM, autocast, pick_device, pick_dtype
+from data import (IGNORE_INDEX, LLaVADataset, collate, decode_image, open_image_source, pack_step, padded_step,
+                  to_messages)
+from main import (FINETUNE_CONFIG, VLMConfig, build_model, forward_backward, load_training_state, to_device, train,
+                  with_micro_batches)
+from model import SIGLIP_PREPROCESSING, ModelConfig, TinyVLM, autocast, pick_compile, pick_device, pick_dtype
+from syncs import SyncRecorder
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0)
@@ -86,16 +91,21 @@ def synthetic_samples(model: TinyVLM, count: int, seed: int = 0) -> list[dict]:
     return samples
 
 
-def to_device(batch: dict, device) -> dict:
+def padded_batch_on(batch: dict, device) -> dict:
     return {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels", "pixels")}
 
 
-def full_vocabulary_loss(model: TinyVLM, input_ids, attention_mask, labels, pixels) -> torch.Tensor:
+def full_vocabulary_loss(model: TinyVLM, batch: dict) -> torch.Tensor:
     """The naive loss: logits for every position and the whole vocabulary, then a masked cross-entropy."""
-    embeds = model.embed(input_ids, pixels)
-    logits = model.lm(inputs_embeds=embeds, attention_mask=attention_mask).logits  # (B, T, vocab)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+    embeds = model.embed(batch["input_ids"], batch["pixels"])
+    logits = model.lm(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits  # (B, T, vocab)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def target_loss(model: TinyVLM, batch: dict) -> torch.Tensor:
+    """TinyVLM's loss: the LM head at target positions only."""
+    return model(batch["input_ids"], batch["labels"], batch["pixels"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -113,13 +123,13 @@ def flops_per_sample(model: TinyVLM, tokens: float, targets: float) -> dict:
       forward again;
     - LM head at the target positions only: forward and input-gradient backward, 2 x 2 x vocab x width each.
     """
-    vision = model.vision
-    vision_config = vision.config
-    encoder = getattr(vision, "vision_model", vision).encoder
+    vision_config = model.vision.config
+    transformer = getattr(model.vision.model, "vision_model", model.vision.model)
     patches = (vision_config.image_size // vision_config.patch_size) ** 2
-    layer_params = sum(p.numel() for p in encoder.layers.parameters())
-    vision_flops = 2 * layer_params * patches + 4 * len(encoder.layers) * patches**2 * vision_config.hidden_size
-    vision_flops += 2 * sum(p.numel() for p in vision.embeddings.patch_embedding.parameters()) * patches
+    layers = model.vision.layers
+    layer_params = sum(p.numel() for p in layers.parameters())
+    vision_flops = 2 * layer_params * patches + 4 * len(layers) * patches**2 * vision_config.hidden_size
+    vision_flops += 2 * sum(p.numel() for p in transformer.embeddings.patch_embedding.parameters()) * patches
     projector = model.projector
     projector_params = sum(p.numel() for p in projector.parameters())
     image_tokens = model.num_image_tokens
@@ -181,9 +191,9 @@ def bench_train(args, tokenizer, device, dtype) -> list[dict]:
         batch = collate(samples, tokenizer.pad_token_id)
         tokens = batch["attention_mask"].sum().item() / args.batch_size
         targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
-        batch = to_device(batch, device)
+        batch = padded_batch_on(batch, device)
         optimizer = torch.optim.AdamW(model.projector.parameters(), lr=1e-4, fused=device.type == "cuda")
-        loss_fn = full_vocabulary_loss if loss_kind == "full" else TinyVLM.forward
+        loss_fn = full_vocabulary_loss if loss_kind == "full" else target_loss
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times, losses = [], []
@@ -191,7 +201,7 @@ def bench_train(args, tokenizer, device, dtype) -> list[dict]:
             synchronize(device)
             start = time.perf_counter()
             with autocast(device, dtype):
-                loss = loss_fn(model, **batch)
+                loss = loss_fn(model, batch)
             (loss / targets).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -267,7 +277,7 @@ def bench_finetune(args, tokenizer, device, dtype) -> list[dict]:
         batch = collate(instruct_samples(model, args.finetune_batch_size), tokenizer.pad_token_id)
         tokens = batch["attention_mask"].sum().item() / args.finetune_batch_size
         targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
-        batch = to_device(batch, device)
+        batch = padded_batch_on(batch, device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
         model.train()
         times = []
@@ -277,7 +287,7 @@ def bench_finetune(args, tokenizer, device, dtype) -> list[dict]:
             synchronize(device)
             start = time.perf_counter()
             with autocast(device, dtype):
-                loss = model(**batch)
+                loss = target_loss(model, batch)
             (loss / targets).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -294,6 +304,192 @@ def bench_finetune(args, tokenizer, device, dtype) -> list[dict]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training step before and after it was made to read nothing back from the device (--parts step)
+
+
+def forward_before(model: TinyVLM, batch: dict) -> torch.Tensor:
+    """TinyVLM's training forward as it was before, kept here to measure against: the padding mask passed to
+    the LM (transformers checks it on the host, sdpa gets a mask), packed rows' mask left to transformers
+    (which reads their position ids back), the image tokens written with masked_scatter (its backward a
+    masked_select) and the target positions picked with a boolean mask."""
+    input_ids, labels, pixels = batch["input_ids"], batch["labels"], batch["pixels"]
+    is_image = input_ids == model.image_token_id  # (B, T)
+    embeds = model.lm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # (B, T, H)
+    if pixels is not None:
+        embeds = embeds.masked_scatter(is_image.unsqueeze(-1), model.encode_images(pixels).to(embeds.dtype))
+    hidden = model.lm.get_decoder()(inputs_embeds=embeds, attention_mask=batch.get("attention_mask"),
+                                    position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    is_target = targets != IGNORE_INDEX
+    logits = model.lm.get_output_embeddings()(hidden[:, :-1][is_target])  # (num_targets, vocab)
+    return F.cross_entropy(logits.float(), targets[is_target], reduction="sum")
+
+
+def step_before(model: TinyVLM, micro_batches: list, device, dtype, parameters, optimizer) -> None:
+    """One optimizer step as main.py ran it before: the loss per target token computed on the device."""
+    num_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+    for batch in micro_batches:
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with autocast(device, dtype):
+            loss = forward_before(model, batch)
+        (loss / num_targets).backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def step_after(model: TinyVLM, micro_batches: list, device, dtype, parameters, optimizer) -> None:
+    """One optimizer step as main.py runs it now."""
+    forward_backward(model, micro_batches, device, dtype, torch.amp.GradScaler(device.type, enabled=False))
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def step_micro_batches(version: str, stage: str, share: list, batch_size: int, max_length: int, pad: int,
+                       image: int) -> list:
+    """A step's share as each version cuts it: before, stream order (stage 1) or packed without the
+    host-side positions; after, by length (padded_step) or packed with them."""
+    if stage.startswith("stage 2"):
+        return pack_step(share, max_length, batch_size * max_length, pad, 512, image if version == "after" else None)
+    if version == "before":
+        return [collate(share[i:i + batch_size], pad) for i in range(0, len(share), batch_size)]
+    return padded_step(share, batch_size, pad, image)
+
+
+def bench_step(args, tokenizer, device, dtype) -> list[dict]:
+    """main.py's training step before and after at real sizes (or --tiny), stage 1 (CC3M-like, padded,
+    projector trained) and stage 2 (mix665k-like, packed in rows of up to 512, projector and LM trained),
+    steps of --step_shares samples in 4 micro-batches each: ms/step, samples/s, real-token share and the
+    operations per step that would make the host wait for a GPU (syncs.SyncRecorder)."""
+    rows = []
+    finetune = dict(VLMConfig().__dict__, **FINETUNE_CONFIG)
+    stages = [("stage 1, padded", cc3m_like_entries, VLMConfig.max_length, ("eager", "sdpa")),
+              ("stage 2, packed", mix665k_like_entries, finetune["max_length"], ("sdpa", "sdpa_varlen"))]
+    for stage, make_entries, max_length, attentions in stages:
+        model = random_model(args.tiny, dtype, attentions[0], tokenizer, device)
+        if stage.startswith("stage 2"):
+            model.lm.float().requires_grad_(True)
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=1e-5, fused=device.type in ("cuda", "cpu"))
+        pad, image = tokenizer.pad_token_id, model.image_token_id
+        samples = encoded_samples(model, make_entries(max(args.step_shares) * (args.steps + args.warmup)), max_length)
+        samples = [s for s in samples if "skipped" not in s]
+        for share_size in args.step_shares:
+            batch_size = max(1, share_size // 4)
+            shares = [samples[i * share_size:(i + 1) * share_size] for i in range(args.warmup + args.steps)]
+            variants = [(version, attention) for attention in attentions for version in ("before", "after")
+                        if not (attention == "sdpa_varlen" and version == "before")]
+            for version, attention in variants:
+                model.lm.set_attn_implementation(attention)
+                run_step = step_before if version == "before" else step_after
+                steps = [step_micro_batches(version, stage, share, batch_size, max_length, pad, image)
+                         for share in shares]
+                with SyncRecorder() as recorder:  # untimed: counting every operation slows it down
+                    run_step(model, steps[0], device, dtype, parameters, optimizer)
+                times = []
+                for i, micro_batches in enumerate(steps):
+                    synchronize(device)
+                    start = time.perf_counter()
+                    run_step(model, micro_batches, device, dtype, parameters, optimizer)
+                    synchronize(device)
+                    if i >= args.warmup:
+                        times.append(time.perf_counter() - start)
+                seconds = sorted(times)[len(times) // 2]
+                timed = [b for micro_batches in steps[args.warmup:] for b in micro_batches]
+                rows.append({"stage": stage, "version": version, "attention": attention,
+                             "step": f"{share_size} ({batch_size} x {len(steps[-1])})", "step_ms": 1000 * seconds,
+                             "samples_per_s": share_size / seconds, "real_token_share": real_token_share(timed),
+                             "syncs_per_step": len(recorder.syncs),
+                             "sync_ops": sorted({name for name, _ in recorder.syncs})})
+                print(rows[-1], flush=True)
+        del model, optimizer
+    return rows
+
+
+def default_config_token_shares(tokenizer, steps: int = 64) -> list[dict]:
+    """The share of real tokens in the token slots of stage 1's default steps on CC3M-like lengths (lengths
+    only: no model runs), by how a step's share is cut into micro-batches and padded."""
+    processor = random_model(True, torch.float32, "eager", tokenizer, torch.device("cpu")).processor
+    rows = []
+    for batch_size, accumulation in ((64, 4), (128, 2), (256, 1)):
+        share = batch_size * accumulation
+        entries = cc3m_like_entries(share * steps, seed=1)
+        lengths = [len(processor.encode(to_messages(e["conversations"], processor.image_placeholder))[0])
+                   for e in entries]
+        for layout, multiple in (("stream order", 1), ("by length", 1), ("by length, widths rounded up to 8", 8)):
+            real = slots = 0
+            for start in range(0, len(lengths), share):
+                step = lengths[start:start + share]
+                step = sorted(step, reverse=True) if layout.startswith("by length") else step
+                for i in range(0, share, batch_size):
+                    micro = step[i:i + batch_size]
+                    real += sum(micro)
+                    slots += len(micro) * -(-max(micro) // multiple) * multiple
+            rows.append({"config": f"{batch_size} x {accumulation}", "layout": layout, "real_token_share": real / slots,
+                         "mean_tokens": sum(lengths) / len(lengths), "longest": max(lengths)})
+    return rows
+
+
+def activation_memory(model: TinyVLM, micro_batch: dict, device, dtype) -> float:
+    """Peak bytes of the tensors one forward and backward of micro_batch creates, weights not included,
+    measured without computing anything: the model runs on fake tensors (FakeTensorMode), which know their
+    sizes, and LiveBytes keeps count of those alive. The sizes are those any device would allocate."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    trained = [p for p in model.parameters() if p.requires_grad]
+    with FakeTensorMode(allow_non_fake_inputs=True), LiveBytes() as live:
+        with autocast(device, dtype):
+            loss = model(**to_device(micro_batch, device))
+        torch.autograd.grad(loss / max(micro_batch["num_targets"], 1), trained)
+    return live.peak
+
+
+def bench_memory(args, tokenizer, device, dtype) -> list[dict]:
+    """Stage 1's training memory at real sizes for micro-batches of 64, 128 and 256 CC3M-like samples (the
+    longest in the set: a micro-batch as wide as the step's widest): the weights in the run dtype, the
+    projector's gradient and AdamW state, and the activations of one forward and backward (activation_memory),
+    against a 48 GB A40 and an 80 GB H100 with 25% to spare (for the CUDA allocator's rounding and cache, the
+    CUDA context and kernels' workspaces)."""
+    dtype = torch.bfloat16  # a GPU's; nothing is computed, so the CPU's own dtype does not matter here
+    model = random_model(args.tiny, dtype, "sdpa", tokenizer, device)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trained = sum(p.numel() for p in model.projector.parameters())
+    states = trained * 4 * 3  # float32 gradient, exp_avg and exp_avg_sq
+    samples = [s for s in encoded_samples(model, cc3m_like_entries(256, seed=2), VLMConfig.max_length)]
+    longest = max(samples, key=lambda s: len(s["input_ids"]))
+    rows = []
+    for batch_size in (8, 64, 128, 256):
+        batch = collate([longest] * batch_size, tokenizer.pad_token_id, model.image_token_id)
+        activations = activation_memory(model, batch, device, dtype)
+        total = weights + states + activations
+        rows.append({"micro_batch": batch_size, "tokens_per_sample": batch["input_ids"].shape[1],
+                     "weights_gb": weights / 1e9, "gradient_and_adamw_gb": states / 1e9,
+                     "activations_gb": activations / 1e9, "total_gb": total / 1e9,
+                     "fits_a40_48gb_with_25pct": 1.25 * total <= 48e9, "fits_h100_80gb_with_25pct": 1.25 * total <= 80e9})
+    return rows
+
+
+class LiveBytes(TorchDispatchMode):
+    """The peak of the bytes held by the tensors created inside it (their storages, each counted once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.alive, self.peak = {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = StorageWeakRef(tensor.untyped_storage())
+                self.alive.setdefault(storage.cdata, (storage, tensor.untyped_storage().nbytes()))
+        self.alive = {key: (ref, size) for key, (ref, size) in self.alive.items() if not ref.expired()}
+        self.peak = max(self.peak, sum(size for _, size in self.alive.values()))
+        return out
+
 
 
 def cc3m_like_jpeg(rng: random.Random, quality: int = 75) -> bytes:
@@ -314,13 +510,15 @@ def cc3m_like_jpeg(rng: random.Random, quality: int = 75) -> bytes:
     return buffer.getvalue()
 
 
-def cc3m_like_zip(folder: str, count: int, seed: int = 0) -> str:
-    """A zip of small JPEGs like CC3M's (about 11 KB each): smooth gradients with a few shapes."""
+def cc3m_like_zip(folder: str, count: int, seed: int = 0, distinct: int = 0) -> str:
+    """A zip of small JPEGs like CC3M's (about 11 KB each): smooth gradients with a few shapes. With distinct,
+    only that many different ones, repeated (they are decoded the same way, and made faster)."""
     rng = random.Random(seed)
+    pool = [cc3m_like_jpeg(rng) for _ in range(min(distinct, count))]
     path = os.path.join(folder, "images.zip")
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
         for i in range(count):
-            archive.writestr(f"GCC_train_{i:09d}.jpg", cc3m_like_jpeg(rng))
+            archive.writestr(f"GCC_train_{i:09d}.jpg", pool[i % len(pool)] if pool else cc3m_like_jpeg(rng))
     return path
 
 
@@ -532,10 +730,66 @@ def tiny_model_folders(folder: str, tokenizer) -> dict:
     return {"vision_model": f"{folder}/vision", "language_model": f"{folder}/lm"}
 
 
-def llava_caption_set(folder: str, num_train: int, num_val: int, seed: int = 0) -> dict:
+def real_model_folders(folder: str, tokenizer) -> dict:
+    """SigLIP-base-patch16-224 and SmolLM2-135M-Instruct at their real sizes with random weights, saved in bf16
+    as from_pretrained folders (with the preprocessor config and the real tokenizer): what main.py loads."""
+    torch.manual_seed(0)
+    SiglipVisionModel(SiglipVisionConfig()).to(torch.bfloat16).save_pretrained(f"{folder}/vision")
+    with open(f"{folder}/vision/preprocessor_config.json", "w") as f:
+        json.dump(SIGLIP_PREPROCESSING, f)
+    lm = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M, bos_token_id=tokenizer.bos_token_id,
+                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    lm.to(torch.bfloat16).save_pretrained(f"{folder}/lm")
+    tokenizer.save_pretrained(f"{folder}/lm")
+    return {"vision_model": f"{folder}/vision", "language_model": f"{folder}/lm"}
+
+
+def default_path(args, tokenizer, device) -> dict:
+    """main.py's training loop as a real run takes it: models loaded from folders (real sizes, or tiny), CC3M-like
+    data in chat.json + images.zip, DataLoader workers (pinned memory on CUDA), the default micro-batches,
+    torch.compile as configured (auto: inductor on CUDA), a validation pass, a checkpoint, and every quiet step
+    under check_syncs (on CUDA torch.cuda.set_sync_debug_mode("error"): a step that waits for the GPU stops the
+    run). Reports the graphs compiled, the time dynamo spent compiling, the first log interval's excess over the
+    steady state (compiling and workers starting) and the steady samples/s, data loading included."""
+    folder = tempfile.mkdtemp(prefix="tinyvlm-path-")
+    steps, log_every = args.path_steps, 2 if args.tiny else 5
+    models = tiny_model_folders(folder, tokenizer) if args.tiny else real_model_folders(folder, tokenizer)
+    cfg = with_micro_batches(VLMConfig(), device)
+    if args.tiny:
+        cfg = replace(cfg, batch_size=8, grad_accum_steps=2, vision_feature_layer=-1, projector_hidden_dim=64,
+                      max_length=128)
+    per_step = cfg.batch_size * cfg.grad_accum_steps
+    data = llava_caption_set(folder, per_step * steps, args.path_val, distinct_images=512)
+    cfg = replace(cfg, **models, **data, num_workers=args.path_workers, max_steps=steps, warmup_steps=2,
+                  eval_every=steps // 2, save_every=steps, sample_every=0, log_every=log_every,
+                  compile="auto" if device.type == "cuda" else args.compile_backend, check_syncs=True,
+                  device=device.type, dtype="auto", out_dir=f"{folder}/runs", run_name="path", wandb_mode="disabled")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    start = time.perf_counter()
+    result = {"steps": steps, "micro_batches": f"{cfg.batch_size} x {cfg.grad_accum_steps}",
+              "workers": cfg.num_workers, "compile": pick_compile(cfg.compile, device) or "off"}
+    try:
+        run_dir = train_run(cfg)
+    except Exception as error:  # a sync under check_syncs, say: reported with where it happened
+        result.update(ok=False, error=f"{type(error).__name__}: {error}"[-3000:])
+        return result
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rates = [row["train/samples_per_s"] for row in map(json.loads, f) if "train/samples_per_s" in row]
+    steady = sorted(rates[2:] or rates[-1:])[len(rates[2:] or rates[-1:]) // 2]  # median, after two intervals
+    first_interval = log_every * per_step / rates[0]
+    result.update(ok=True, seconds=time.perf_counter() - start, graphs=dict(torch._dynamo.utils.counters["stats"]),
+                  dynamo_compile_s=torch._dynamo.utils.calculate_time_spent().get("total_wall_time", 0.0),
+                  first_interval_excess_s=first_interval - log_every * per_step / steady,
+                  steady_samples_per_s=steady, samples_per_s_by_interval=rates)
+    shutil.rmtree(folder, ignore_errors=True)
+    return result
+
+
+def llava_caption_set(folder: str, num_train: int, num_val: int, seed: int = 0, distinct_images: int = 0) -> dict:
     """chat.json, val.json and images.zip in LLaVA-CC3M-Pretrain-595K's layout, with CC3M-like captions."""
     rng = random.Random(seed)
-    zip_path = cc3m_like_zip(folder, num_train + num_val, seed)
+    zip_path = cc3m_like_zip(folder, num_train + num_val, seed, distinct_images)
     entries = []
     for i in range(num_train + num_val):
         caption = " ".join(rng.choice(CAPTION_WORDS) for _ in range(rng.randint(6, 16))) + " ."
@@ -554,7 +808,8 @@ def run_quietly(function, *args):
 
 
 def train_run(cfg: VLMConfig) -> str:
-    device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
+    device = torch.device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
     return run_quietly(lambda: train(cfg, build_model(cfg, device, dtype), device, dtype))
 
 
@@ -776,6 +1031,13 @@ def cc3m_epoch(speed_rows: list[dict], data_rows: list[dict], device_name: str, 
 
 def run_gpu_suite(args, tokenizer, device, dtype, report: dict) -> bool:
     """The suite's parts in order, each printed as a table; returns whether every correctness check passed."""
+    report["default_path"] = default_path(args, tokenizer, device)
+    path = report["default_path"]
+    print(f"\nmain.py's default path ({path['micro_batches']} micro-batches, {path['workers']} workers, compile "
+          f"{path['compile']}, check_syncs): " + (f"{path['steady_samples_per_s']:.0f} samples/s steady, data "
+          f"included; graphs {path['graphs']}; dynamo compiling {path['dynamo_compile_s']:.0f} s; first interval "
+          f"{path['first_interval_excess_s']:.0f} s over the steady state" if path["ok"] else f"FAILED: {path['error']}"),
+          flush=True)
     report["correctness"] = correctness_checks(args, tokenizer, device)
     print_table("correctness", report["correctness"], ["check", "ok", "seconds"])
     report["train_speed"] = bench_train_speed(args, tokenizer, device, dtype)
@@ -794,7 +1056,7 @@ def run_gpu_suite(args, tokenizer, device, dtype, report: dict) -> bool:
     print(f"\none CC3M-595K epoch on {epoch['device']}: {epoch['minutes']:.1f} min at {epoch['samples_per_s']:.0f} "
           f"samples/s (limited by the {epoch['limited_by']})\nA40, derived: {epoch['a40_minutes_derived']:.1f} min, "
           f"${epoch['a40_dollars_derived']:.2f} ({epoch['a40_assumptions']})")
-    return all(row["ok"] for row in report["correctness"])
+    return path["ok"] and all(row["ok"] for row in report["correctness"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -900,10 +1162,11 @@ def bench_packing(args, tokenizer, device, dtype) -> list[dict]:
     (llava_v1_5_mix665k-like) and stage-1 (CC3M-like) data. Every layout trains on the same step shares."""
     rows = []
     finetune = dict(VLMConfig().__dict__, **FINETUNE_CONFIG)
+    stage1 = with_micro_batches(VLMConfig(), device)
     stages = [("stage 2, mix665k-like", mix665k_like_entries, finetune["max_length"], finetune["batch_size"],
                finetune["grad_accum_steps"], args.packing_batch_size, args.packing_grad_accum),
-              ("stage 1, CC3M-like", cc3m_like_entries, VLMConfig.max_length, VLMConfig.batch_size,
-               VLMConfig.grad_accum_steps, args.packing_batch_size * 4, 1)]
+              ("stage 1, CC3M-like", cc3m_like_entries, VLMConfig.max_length, stage1.batch_size,
+               stage1.grad_accum_steps, args.packing_batch_size * 4, 1)]
     for stage, make_entries, max_length, batch_size, accum, timed_batch_size, timed_accum in stages:
         model = random_model(args.tiny, dtype, args.attention, tokenizer, device)
         decoder = model.lm.get_decoder()
@@ -1014,6 +1277,7 @@ def main() -> int:
     parser.add_argument("--dtype", default="auto", help="the run dtype (autocast and frozen weights); auto: bf16 "
                         "on GPUs and on CPUs with bf16 matrix instructions, else fp32 (main.py's auto)")
     parser.add_argument("--attention", default=None, help="default: sdpa on GPUs, eager on CPUs")
+    parser.add_argument("--step_shares", default="8,64", help="samples per timed step (step; comma-separated)")
     parser.add_argument("--finetune_batch_size", type=int, default=16, help="stage 2's default per-device batch")
     parser.add_argument("--finetune_steps", type=int, default=2)
     parser.add_argument("--data_images", type=int, default=None, help="JPEGs in the data part's zip")
@@ -1056,6 +1320,9 @@ def main() -> int:
     args.suite_batch_sizes = (2, 4) if tiny else (32, 64, 128, 256)
     args.suite_workers = (1, 2) if tiny else (1, 4, 8, 16)
     args.check_steps = 6 if tiny else 40
+    args.path_steps, args.path_val = (6, 16) if tiny else (40, 512)
+    args.path_workers = 2 if tiny else max(1, min(8, (os.cpu_count() or 2) - 2))
+    args.step_shares = [int(n) for n in args.step_shares.split(",")]
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     report = {"device": device_name, "cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
@@ -1072,6 +1339,20 @@ def main() -> int:
                                                         "tokens_per_s", "mfu", "peak_memory_gb", "first_loss"])
         report["cc3m_epoch_projection"] = cc3m_projection(report["train"], args.a40_mfu, args.a40_dollars_per_hour)
         print(json.dumps(report["cc3m_epoch_projection"]))
+    if "step" in parts:
+        report["step"] = bench_step(args, tokenizer, device, dtype)
+        print_table("training step, before and after (main.py's step; syncs: operations that wait for a GPU)",
+                    report["step"], ["stage", "version", "attention", "step", "step_ms", "samples_per_s",
+                                     "real_token_share", "syncs_per_step"])
+        report["token_shares"] = default_config_token_shares(tokenizer)
+        print_table("stage 1's real-token share on CC3M-like lengths", report["token_shares"],
+                    ["config", "layout", "real_token_share", "mean_tokens", "longest"])
+    if "memory" in parts:
+        report["memory"] = bench_memory(args, tokenizer, device, dtype)
+        print_table("stage 1's training memory by micro-batch (weights, gradient and AdamW, activations)",
+                    report["memory"], ["micro_batch", "tokens_per_sample", "weights_gb", "gradient_and_adamw_gb",
+                                       "activations_gb", "total_gb", "fits_a40_48gb_with_25pct",
+                                       "fits_h100_80gb_with_25pct"])
     if "finetune" in parts:
         report["finetune"] = bench_finetune(args, tokenizer, device, dtype)
         print_table("stage-2 training step (language model trained too)", report["finetune"],

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizer threads fight DataLoader workers
@@ -61,8 +61,10 @@ class VLMConfig:
     init_from: str = ""  # a trained TinyVLM (model or run folder) to start from: stage 2 starts from stage 1
     gradient_checkpointing: bool = False  # recompute LM activations in the backward pass: less memory
     # optimisation (LLaVA stage 1: global batch 256, lr 1e-3, warmup 3%, cosine, one epoch)
-    batch_size: int = 64  # per device and micro-batch
-    grad_accum_steps: int = 4  # global batch = batch_size * grad_accum_steps * number of GPUs
+    # -1: 256 on CUDA (with a 25% margin it fits a 48 GB A40: bench.py --parts memory), 64 elsewhere; never
+    # more than the global batch of 256 shared among the processes
+    batch_size: int = -1  # per device and micro-batch
+    grad_accum_steps: int = -1  # global batch = batch_size * grad_accum_steps * processes; -1: 256 in all
     # packing: a step trains on the same samples, laid end to end in rows instead of padded, in micro-batches
     # of at most max_tokens_per_batch tokens (data.pack_step); no sample sees another
     packing: bool = False
@@ -82,7 +84,7 @@ class VLMConfig:
     dtype: str = "auto"  # auto: bfloat16 on GPUs that have it, else float16; float32 on CPU
     # auto: sdpa on GPUs; on CPUs sdpa_varlen with packing (model.sdpa_varlen: attention per conversation), else eager
     attn_implementation: str = "auto"
-    compile: str = "auto"  # torch.compile the vision tower, projector and LM layers; auto: on for CUDA only
+    compile: str = "auto"  # torch.compile the encoder, projector and LM layers: auto (CUDA only), true, false, a backend
     check_syncs: bool = False  # raise if a step that logs nothing makes the host wait for the device (syncs.py)
     seed: int = 1337
     # evaluation, checkpoints, logging
@@ -146,6 +148,22 @@ def resolve_config(overrides: dict, preset: dict | None = None) -> VLMConfig:
             values.update(json.load(f))
     values.update(overrides)
     return VLMConfig(**{k: v for k, v in values.items() if k in VLMConfig.__dataclass_fields__})
+
+
+GLOBAL_BATCH = 256  # LLaVA's stage 1
+
+
+def with_micro_batches(cfg: VLMConfig, device: torch.device, world_size: int = 1) -> VLMConfig:
+    """cfg with batch_size and grad_accum_steps of -1 worked out for this device and number of processes: on
+    CUDA one micro-batch of 256 per step (a larger micro-batch does the same work in fewer, larger kernels),
+    elsewhere 4 of 64; a global batch of 256 either way."""
+    batch_size = cfg.batch_size
+    if batch_size == -1:
+        batch_size = max(1, min(256 if device.type == "cuda" else 64, GLOBAL_BATCH // world_size))
+    grad_accum_steps = cfg.grad_accum_steps
+    if grad_accum_steps == -1:
+        grad_accum_steps = max(1, GLOBAL_BATCH // (batch_size * world_size))
+    return replace(cfg, batch_size=batch_size, grad_accum_steps=grad_accum_steps)
 
 
 def model_config(cfg: VLMConfig) -> ModelConfig:
@@ -422,8 +440,9 @@ def build_model(cfg: VLMConfig, device: torch.device, dtype: torch.dtype) -> Tin
     elif cfg.stage != "pretrain":
         raise ValueError(f"stage must be pretrain or finetune, got {cfg.stage!r}")
     model = model.to(device)
-    if pick_compile(cfg.compile, device):
-        model.compile_regions()
+    backend = pick_compile(cfg.compile, device)
+    if backend:
+        model.compile_regions(backend)
     return model
 
 
@@ -590,6 +609,7 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
     """The training loop. Returns the run folder."""
     is_main = rank == 0
     log = tqdm.write if is_main else (lambda text: None)
+    cfg = with_micro_batches(cfg, device, world_size)
     run_dir = new_run_folder(cfg)
     if is_main:
         os.makedirs(run_dir, exist_ok=True)
@@ -650,7 +670,6 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
             # ---- log the training metrics (every process adds its part; rank 0 writes)
             if due["log"]:
                 log_training(cfg, logger, progress, interval, grad_norm, factor, skipped_entries, device)
-                interval = Interval(device)
             # ---- evaluate and keep the best model (every process evaluates its share; rank 0 saves best/)
             if due["eval"]:
                 val_loss = evaluate(model, val_loader, device, dtype)
@@ -668,6 +687,8 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
             # ---- save a checkpoint (every process adds its skip counts; rank 0 writes)
             if due["save"]:
                 save_checkpoint(run_dir, cfg, model, optimizer, scaler, progress, device, is_main)
+            if due["log"]:  # the next interval's clock starts after this step's periodic work
+                interval = Interval(device)
             # ---- stop on SIGINT or SIGTERM: one process at once, several together at a logging step
             if world_size == 1:
                 stopping = bool(stop_signals)

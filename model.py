@@ -120,16 +120,20 @@ def pick_attention(name: str, device: torch.device, packing: bool = False) -> st
     return "sdpa_varlen" if packing else "eager"
 
 
-def pick_compile(name: str, device: torch.device) -> bool:
-    """"auto": torch.compile on CUDA, where it pays; eager elsewhere (no gain measured on CPUs, and minutes
-    of compiling)."""
+def pick_compile(name: str, device: torch.device) -> str | None:
+    """The torch.compile backend to compile with, or None for eager. "auto": inductor on CUDA, where it pays;
+    eager elsewhere (no gain measured on CPUs, and minutes of compiling). "true": inductor; a backend's name
+    (aot_eager, say, which traces and runs autograd like inductor without generating kernels): that one."""
     if name == "auto":
-        return device.type == "cuda"
+        return "inductor" if device.type == "cuda" else None
     if name.lower() in ("1", "true", "yes", "on"):
-        return True
+        return "inductor"
     if name.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"compile must be auto, true or false, got {name!r}")
+        return None
+    if name in torch._dynamo.list_backends(exclude_tags=()):
+        return name
+    raise ValueError(f"compile must be auto, true, false or a torch.compile backend "
+                     f"({', '.join(torch._dynamo.list_backends())}), got {name!r}")
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

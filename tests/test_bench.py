@@ -35,6 +35,9 @@ def test_gpu_suite_runs_with_tiny_models_on_a_cpu(tmp_path):
                             cwd=ROOT, env=without_packages(tmp_path), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = json.loads(output.read_text())
+    path = report["default_path"]  # main.py's loop, compiled, workers, validation, quiet steps under check_syncs
+    assert path["ok"] and path["compile"] == "aot_eager" and path["steady_samples_per_s"] > 0, path
+    assert 3 <= path["graphs"]["unique_graphs"] <= 6, path["graphs"]  # vision, projector, decoder layer: 1 or 2 each
     checks = {row["check"]: row for row in report["correctness"]}
     assert len(checks) == 5 and all(row["ok"] for row in checks.values()), checks
     assert "bit-exact" in checks["SIGTERM, --resume, same as uninterrupted"]["detail"]  # on a CPU it is
@@ -43,5 +46,5 @@ def test_gpu_suite_runs_with_tiny_models_on_a_cpu(tmp_path):
     assert [row["workers"] for row in report["data"]] == [1, 2] and report["generate"]
     epoch = report["cc3m_epoch"]
     assert epoch["minutes"] == 595_375 / epoch["samples_per_s"] / 60 and "derived" in epoch["a40_assumptions"]
-    for title in ("correctness", "training step", "data pipeline", "generation", "one CC3M-595K epoch"):
+    for title in ("default path", "correctness", "training step", "data pipeline", "generation", "one CC3M-595K epoch"):
         assert title in result.stdout

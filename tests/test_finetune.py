@@ -124,13 +124,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(finetune_config):
 def test_stage2_under_torchrun_with_a_text_only_micro_batch(finetune_config, tmp_path):
     """Batch 1 per process and 2 micro-batches per step: some micro-batches give one process a text-only
     sample (no image, the projector unused) while the other has an image. Two processes must agree with one
-    process of batch 2."""
+    process of batch 2. The first two steps log nothing, and read nothing back from the device
+    (check_syncs), all-reduce included."""
     entries = json.load(open(finetune_config.data_path))
     images = [e for e in entries if "image" in e][:6]
     texts = [e for e in entries if "image" not in e][:2]
     (tmp_path / "mixed.json").write_text(json.dumps(images + texts))
-    cfg = dataclasses.replace(finetune_config, data_path=str(tmp_path / "mixed.json"), max_steps=2, eval_every=2,
-                              save_every=2, sample_every=0, grad_accum_steps=2)  # no_sync, then the all-reduce
+    cfg = dataclasses.replace(finetune_config, data_path=str(tmp_path / "mixed.json"), max_steps=3, eval_every=3,
+                              save_every=3, log_every=3, sample_every=0, check_syncs=True,
+                              grad_accum_steps=2)  # no_sync, then the all-reduce
     one = run(dataclasses.replace(cfg, run_name="one", batch_size=2))[1]
     two = torchrun(dataclasses.replace(cfg, run_name="two", batch_size=1), processes=2)
     for part, name in (("projector", "projector.safetensors"), ("lm", "language_model/model.safetensors")):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from data import collate, padded_step, to_messages
 from main import (VLMConfig, build_model, checkpoint_folder, forward_backward, load_training_state, lr_factor, main,
-                  parse_args, resolve_config, save_atomically, train)
+                  parse_args, resolve_config, save_atomically, train, with_micro_batches)
 
 CPU = torch.device("cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -227,6 +227,15 @@ def test_command_line_overrides_are_typed():
         parse_args(["--batch_size", "many"])
     with pytest.raises(SystemExit):
         parse_args(["--no_such_field", "1"])
+
+
+def test_micro_batches_default_to_one_of_256_on_cuda_and_four_of_64_elsewhere():
+    cuda, cpu = torch.device("cuda", 0), CPU
+    sizes = lambda cfg: (cfg.batch_size, cfg.grad_accum_steps)  # noqa: E731
+    assert sizes(with_micro_batches(VLMConfig(), cuda)) == (256, 1) and sizes(with_micro_batches(VLMConfig(), cpu)) == (64, 4)
+    assert sizes(with_micro_batches(VLMConfig(), cuda, world_size=4)) == (64, 1)  # still 256 in all
+    assert sizes(with_micro_batches(VLMConfig(batch_size=32), cuda)) == (32, 8)
+    assert sizes(with_micro_batches(VLMConfig(batch_size=32, grad_accum_steps=2), cuda)) == (32, 2)  # as given
 
 
 def test_wandb_offline_run_and_metrics_jsonl_are_written(tiny_config):
