@@ -25,7 +25,9 @@ import tempfile
 import time
 import zipfile
 from dataclasses import asdict, replace
+from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
@@ -34,10 +36,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-from data import (IGNORE_INDEX, LLaVADataset, collate, decode_image, open_image_source, pack_step, padded_step,
-                  to_messages)
-from main import (FINETUNE_CONFIG, VLMConfig, build_model, forward_backward, load_training_state, to_device, train,
-                  with_micro_batches)
+from data import (IGNORE_INDEX, LLaVADataset, Processor, collate, decode_image, open_data, open_image_source,
+                  pack_step, padded_step, start_worker, to_messages, tokenize)
+from main import (FINETUNE_CONFIG, VLMConfig, build_model, data_workers, forward_backward, load_training_state,
+                  to_device, train, with_micro_batches)
 from model import SIGLIP_PREPROCESSING, ModelConfig, TinyVLM, autocast, pick_compile, pick_device, pick_dtype
 from syncs import SyncRecorder
 
@@ -376,11 +378,11 @@ def bench_step(args, tokenizer, device, dtype) -> list[dict]:
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=1e-5, fused=device.type in ("cuda", "cpu"))
         pad, image = tokenizer.pad_token_id, model.image_token_id
-        samples = encoded_samples(model, make_entries(max(args.step_shares) * (args.steps + args.warmup)), max_length)
+        samples = encoded_samples(model, make_entries(max(args.step_shares) * (args.steps + args.warmup + 1)), max_length)
         samples = [s for s in samples if "skipped" not in s]
         for share_size in args.step_shares:
             batch_size = max(1, share_size // 4)
-            shares = [samples[i * share_size:(i + 1) * share_size] for i in range(args.warmup + args.steps)]
+            shares = [samples[i * share_size:(i + 1) * share_size] for i in range(max(1, args.warmup) + args.steps)]
             variants = [(version, attention) for attention in attentions for version in ("before", "after")
                         if not (attention == "sdpa_varlen" and version == "before")]
             for version, attention in variants:
@@ -388,10 +390,10 @@ def bench_step(args, tokenizer, device, dtype) -> list[dict]:
                 run_step = step_before if version == "before" else step_after
                 steps = [step_micro_batches(version, stage, share, batch_size, max_length, pad, image)
                          for share in shares]
-                with SyncRecorder() as recorder:  # untimed: counting every operation slows it down
+                with SyncRecorder() as recorder:  # the first step, untimed: counting every operation slows it
                     run_step(model, steps[0], device, dtype, parameters, optimizer)
                 times = []
-                for i, micro_batches in enumerate(steps):
+                for i, micro_batches in enumerate(steps[1:], start=1):
                     synchronize(device)
                     start = time.perf_counter()
                     run_step(model, micro_batches, device, dtype, parameters, optimizer)
@@ -399,7 +401,7 @@ def bench_step(args, tokenizer, device, dtype) -> list[dict]:
                     if i >= args.warmup:
                         times.append(time.perf_counter() - start)
                 seconds = sorted(times)[len(times) // 2]
-                timed = [b for micro_batches in steps[args.warmup:] for b in micro_batches]
+                timed = [b for micro_batches in steps[max(1, args.warmup):] for b in micro_batches]
                 rows.append({"stage": stage, "version": version, "attention": attention,
                              "step": f"{share_size} ({batch_size} x {len(steps[-1])})", "step_ms": 1000 * seconds,
                              "samples_per_s": share_size / seconds, "real_token_share": real_token_share(timed),
@@ -555,7 +557,7 @@ def make_scale_set(folder: str, num_entries: int, num_images: int = CC3M_ENTRIES
 
 
 def bench_data(args, tokenizer, worker_counts=None, repeats: int = 1, images_per_worker: int = 0) -> list[dict]:
-    """Images/s of the whole input pipeline (zip read, JPEG decode, RGB, resize, tokenize, collate), by the
+    """Images/s of the whole input pipeline (zip read, JPEG decode, resize, stored tokens, collate), by the
     number of DataLoader workers. Each of --data_images JPEGs is read `repeats` times (as separate entries);
     with images_per_worker, a run reads only 256 + that many per worker of them (every run lasts about as long)."""
     model = random_model(True, torch.float32, "eager", tokenizer, torch.device("cpu"))  # for its Processor
@@ -566,18 +568,20 @@ def bench_data(args, tokenizer, worker_counts=None, repeats: int = 1, images_per
     with tempfile.TemporaryDirectory() as folder:
         zip_path = cc3m_like_zip(folder, args.data_images)
         mean_kb = os.path.getsize(zip_path) / args.data_images / 1024
-        turns = [{"from": "human", "value": "<image>\nDescribe the image concisely."},
-                 {"from": "gpt", "value": "a photo of the old stone bridge over the river ."}]
-        entries = [{"id": str(i), "image": f"GCC_train_{i % args.data_images:09d}.jpg", "conversations": turns}
-                   for i in range(args.data_images * repeats)]
-        dataset = LLaVADataset(entries, open_image_source(zip_path), processor)
+        entries = [dict(entry, image=f"GCC_train_{i % args.data_images:09d}.jpg")
+                   for i, entry in enumerate(cc3m_like_entries(args.data_images * repeats))]
+        with open(f"{folder}/chat.json", "w") as f:
+            json.dump(entries, f)
+        store, images, _, _ = open_data(f"{folder}/chat.json", zip_path, True)
+        dataset = LLaVADataset(tokenize(store, processor), images, processor)  # as main.py reads it
         for workers in worker_counts:
             if workers > cpus:
                 continue
             size = min(len(dataset), 256 + images_per_worker * workers) if images_per_worker else len(dataset)
             loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(size)), batch_size=32,
                                                  num_workers=workers,
-                                                 collate_fn=lambda s: collate(s, tokenizer.pad_token_id),
+                                                 collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id,
+                                                                    image_token_id=processor.image_token_id),
                                                  pin_memory=torch.cuda.is_available())
             iterator = iter(loader)
             first = next(iterator)  # workers started and warm
@@ -586,6 +590,151 @@ def bench_data(args, tokenizer, worker_counts=None, repeats: int = 1, images_per
             seconds = time.perf_counter() - start
             rows.append({"workers": workers, "images_per_s": count / seconds, "jpeg_kb": mean_kb,
                          "images": count + len(first["input_ids"])})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The data path stage by stage (--parts data): what one DataLoader worker spends on a sample, before and now
+
+
+def sized_jpeg(rng: random.Random, size: tuple[int, int], quality: int = 75) -> bytes:
+    """A CC3M-like JPEG (a gradient, shapes, texture: see cc3m_like_jpeg) of the given size."""
+    width, height = size
+    image = Image.linear_gradient("L").resize((width, height)).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    for _ in range(4):
+        x, y = rng.randrange(width), rng.randrange(height)
+        draw.ellipse((x, y, x + rng.randint(20, 150), y + rng.randint(20, 150)),
+                     fill=tuple(rng.randrange(256) for _ in range(3)))
+    for _ in range(35 * width * height // 120_000):
+        x, y = rng.randrange(width), rng.randrange(height)
+        draw.line((x, y, x + rng.randint(-60, 60), y + rng.randint(-60, 60)),
+                  fill=tuple(rng.randrange(256) for _ in range(3)), width=2)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+class BeforeDataset(torch.utils.data.Dataset):
+    """The training sample as data.py made it before (kept here to measure against): the whole JPEG decoded,
+    converted to RGB twice, PIL's bicubic resize, a numpy copy, and the chat template rendered and tokenized
+    (with every placeholder) for each sample, every epoch."""
+
+    def __init__(self, entries: list[dict], images, processor):
+        self.entries, self.images, self.processor = entries, images, processor
+
+    def __len__(self):
+        return len(self.entries)
+
+    def stages(self, index: int, clock=None) -> dict:
+        clock = clock or (lambda name: None)
+        entry = self.entries[index]
+        data = self.images.read(entry["image"])
+        clock("zip read")
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        image = image.convert("RGB")
+        clock("decode")
+        image = image.convert("RGB")  # image_to_pixels' own to_rgb, on an image already RGB
+        clock("to RGB again")
+        height, width = self.processor.image_size
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+        clock("resize")
+        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        clock("to tensor")
+        messages = to_messages(entry["conversations"], self.processor.image_placeholder)
+        text = self.processor.render(messages, add_generation_prompt=False)
+        start = len(self.processor.render(messages[:1], add_generation_prompt=True))
+        encoding = self.processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids = encoding["input_ids"]
+        labels = [t if offset >= start else IGNORE_INDEX for t, (offset, _) in zip(input_ids, encoding["offset_mapping"])]
+        clock("tokenize")
+        return {"input_ids": input_ids, "labels": labels, "pixels": pixels}
+
+    def __getitem__(self, index: int) -> dict:
+        return self.stages(index)
+
+
+def now_stages(dataset: LLaVADataset, index: int, clock) -> dict:
+    """LLaVADataset.__getitem__ on a tokenized store, its stages timed one by one."""
+    input_ids, labels, names = dataset.entries.encoded(index)
+    clock("tokenize")
+    data = dataset.images.read(names[0])
+    clock("zip read")
+    image = decode_image(data, dataset.processor.image_size[::-1])
+    clock("decode")
+    clock("to RGB again")
+    pixels = dataset.processor.image_to_pixels(image)
+    clock("resize")
+    clock("to tensor")  # image_to_pixels gives the tensor
+    return {"input_ids": input_ids, "labels": labels, "pixels": pixels}
+
+
+def per_sample_ms(stages, count: int) -> dict:
+    """Milliseconds per sample of each stage of stages(index, clock) over `count` samples, and of the whole."""
+    totals = {}
+    last = [0.0]
+
+    def clock(name):
+        now = time.perf_counter()
+        totals[name] = totals.get(name, 0.0) + now - last[0]
+        last[0] = now
+
+    start = time.perf_counter()
+    for index in range(count):
+        last[0] = time.perf_counter()
+        stages(index, clock)
+    whole = time.perf_counter() - start
+    return {**{f"{name} ms": 1000 * seconds / count for name, seconds in totals.items()},
+            "whole sample ms": 1000 * whole / count, "samples_per_s_per_core": count / whole}
+
+
+def loader_rate(dataset, workers: int, pad: int, image: int | None, count: int) -> float:
+    """Samples/s through a DataLoader of `workers` workers, batches of 64, after its first batch."""
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, range(count)), batch_size=64, num_workers=workers,
+        collate_fn=partial(collate, pad_token_id=pad, image_token_id=image), worker_init_fn=start_worker)
+    iterator = iter(loader)
+    first = next(iterator)
+    start = time.perf_counter()
+    samples = sum(len(batch["input_ids"]) for batch in iterator)
+    return samples / (time.perf_counter() - start) if samples else float(len(first["input_ids"]))
+
+
+def bench_data_profile(args, tokenizer) -> list[dict]:
+    """The time one DataLoader worker spends on a CC3M-like sample, stage by stage, before and now, for
+    JPEGs of 224 x 224, 400 x 300 (CC3M's usual) and 640 x 480, and the samples/s of 1 and 2 workers.
+    Stages are timed one at a time in this process (one thread, as in a worker), so a row need not add up
+    to its whole."""
+    processor = random_model(True, torch.float32, "eager", tokenizer, torch.device("cpu")).processor
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    rows = []
+    for size in ((224, 224), (400, 300), (640, 480)):
+        with tempfile.TemporaryDirectory() as folder:
+            rng = random.Random(0)
+            count = args.profile_samples
+            with zipfile.ZipFile(f"{folder}/images.zip", "w", zipfile.ZIP_STORED) as archive:
+                for i in range(count):
+                    archive.writestr(f"{i}.jpg", sized_jpeg(rng, size))
+            entries = [dict(e, image=f"{e['id']}.jpg") for e in cc3m_like_entries(count)]
+            with open(f"{folder}/chat.json", "w") as f:
+                json.dump(entries, f)
+            store, images, _, _ = open_data(f"{folder}/chat.json", f"{folder}/images.zip", True)
+            now = LLaVADataset(tokenize(store, processor), images, processor)
+            before = BeforeDataset(entries, images, processor)
+            kb = os.path.getsize(f"{folder}/images.zip") / count / 1024
+            for version, dataset, stages in (("before", before, before.stages),
+                                             ("now", now, partial(now_stages, now))):
+                stages(0, lambda name: None)  # warm: opened files, imported filters
+                row = {"image": f"{size[0]}x{size[1]}, {kb:.0f} KB", "version": version,
+                       **per_sample_ms(stages, count)}
+                for workers in (1, 2):
+                    row[f"{workers} workers samples/s"] = loader_rate(
+                        dataset, workers, tokenizer.pad_token_id, processor.image_token_id if version == "now" else None,
+                        count)
+                rows.append(row)
+                print(rows[-1], flush=True)
+    torch.set_num_threads(os.cpu_count() or 1)
     return rows
 
 
@@ -607,24 +756,20 @@ def cpu_seconds(pid: int) -> float:
 
 
 def scale_child(data_path: str, image_root: str, workers: int, batches: int) -> dict:
-    """One start-up of the training input pipeline, in a fresh process: open the data (building its caches if
-    they are missing), split it, start a DataLoader like main.py's, time the first batch, then measure the
-    memory of the main process and its workers after `batches` more batches."""
-    from functools import partial
+    """One start-up of the training input pipeline, in a fresh process, as main.py runs it (load_data,
+    build_loaders: the default micro-batches of this device): open the data (building its caches, tokens
+    included, if they are missing), split it, start the DataLoader, time the first step's batches, then
+    measure the memory of the main process and its workers after `batches` more steps."""
+    from main import build_loaders, load_data
 
-    from data import Processor, StreamSampler, open_data, split_entries, start_worker
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     processor = Processor(tokenizer, SIGLIP_PREPROCESSING, "<image>", 49)
-    defaults = VLMConfig()
+    cpu = torch.device("cpu")
+    cfg = with_micro_batches(VLMConfig(data_path=data_path, image_root=image_root, num_workers=workers), cpu)
     start, cpu_start = time.perf_counter(), time.process_time()
-    entries, images, skipped, _ = open_data(data_path, image_root, require_image=True)
-    train, _ = split_entries(entries, defaults.val_size, defaults.seed)
-    dataset = LLaVADataset(train, images, processor, defaults.max_length)
+    train, val, skipped = load_data(cfg, processor, log=lambda text: None)
     opened, open_cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=64, sampler=StreamSampler(len(train), defaults.seed, 0, 64), num_workers=workers,
-        collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id), worker_init_fn=start_worker,
-        persistent_workers=workers > 0)
+    loader, _ = build_loaders(cfg, train, val, processor, 0, 0, 1, cpu)
     batch_iterator = iter(loader)
     first = next(batch_iterator)
     first_batch = time.perf_counter() - start
@@ -637,7 +782,7 @@ def scale_child(data_path: str, image_root: str, workers: int, batches: int) -> 
             "open_cpu_s": open_cpu, "first_batch_cpu_s": cpu_to_first_batch,
             "pss_mb": tree_pss_mb(pids), "main_pss_mb": tree_pss_mb(pids[:1]), "skipped": dict(skipped),
             **{f"{part.lower()}_mb": tree_pss_mb(pids, part) for part in ("Pss_Anon", "Pss_File", "Pss_Shmem")},
-            "first_batch_size": len(first["input_ids"])}
+            "first_batch_size": sum(len(b["input_ids"]) for b in first)}
 
 
 def bench_data_scale(args) -> list[dict]:
@@ -1281,6 +1426,7 @@ def main() -> int:
     parser.add_argument("--finetune_batch_size", type=int, default=16, help="stage 2's default per-device batch")
     parser.add_argument("--finetune_steps", type=int, default=2)
     parser.add_argument("--data_images", type=int, default=None, help="JPEGs in the data part's zip")
+    parser.add_argument("--profile_samples", type=int, default=400, help="samples per image size (data)")
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--packing_samples", type=int, default=4096, help="conversations per stage (packing)")
     parser.add_argument("--packing_batch_size", type=int, default=4, help="stage 2's timed micro-batch (packing)")
@@ -1297,7 +1443,7 @@ def main() -> int:
     parser.add_argument("--a40_dollars_per_hour", type=float, default=0.44)
     parser.add_argument("--scale_dir", default="data/scale", help="where data_scale makes its synthetic sets")
     parser.add_argument("--scale_entries", default=f"{CC3M_ENTRIES},5000000")
-    parser.add_argument("--scale_batches", type=int, default=20, help="batches of 64 before memory is measured")
+    parser.add_argument("--scale_batches", type=int, default=5, help="steps (of 256) before memory is measured")
     parser.add_argument("--scale_runs", default="cold:8,warm:1,warm:8",
                         help="cache:workers per start-up; cold deletes the caches first")
     parser.add_argument("--scale_child", help=argparse.SUPPRESS)  # one data_scale start-up, in its own process
@@ -1318,7 +1464,7 @@ def main() -> int:
     args.data_images = args.data_images or (64 if tiny else 2048 if suite else 512)
     args.data_repeats = 1 if tiny else 8  # the suite reads each JPEG 8 times: enough work for 16 workers
     args.suite_batch_sizes = (2, 4) if tiny else (32, 64, 128, 256)
-    args.suite_workers = (1, 2) if tiny else (1, 4, 8, 16)
+    args.suite_workers = (1, 2) if tiny else tuple(sorted({1, 4, 8, 16, data_workers(-1)}))
     args.check_steps = 6 if tiny else 40
     args.path_steps, args.path_val = (6, 16) if tiny else (40, 512)
     args.path_workers = 2 if tiny else max(1, min(8, (os.cpu_count() or 2) - 2))
@@ -1359,6 +1505,11 @@ def main() -> int:
                     ["gradient_checkpointing", "batch_size", "tokens_per_sample", "step_ms", "samples_per_s",
                      "peak_memory_gb", "memory_per_sample_mb"])
     if "data" in parts:
+        report["data_profile"] = bench_data_profile(args, tokenizer)
+        print_table("one DataLoader worker's time per sample (ms), stage by stage, before and now",
+                    report["data_profile"], ["image", "version", "zip read ms", "decode ms", "to RGB again ms",
+                                             "resize ms", "to tensor ms", "tokenize ms", "whole sample ms",
+                                             "samples_per_s_per_core", "1 workers samples/s", "2 workers samples/s"])
         report["data"] = bench_data(args, tokenizer)
         print_table("data pipeline (zip -> decode -> resize -> tokenize -> collate)", report["data"],
                     ["workers", "images_per_s", "jpeg_kb"])

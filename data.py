@@ -9,6 +9,7 @@ import glob
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import signal
 import struct
@@ -16,12 +17,15 @@ import zipfile
 import zlib
 from array import array
 from collections import Counter
+from contextlib import contextmanager
 from itertools import count
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
+from tqdm import tqdm
 
 IGNORE_INDEX = -100  # label of a token that carries no loss
 IMAGE_MARKER = "<image>"  # where LLaVA data puts the image in a human turn
@@ -48,11 +52,12 @@ def source_stamp(sources: list[str]) -> list:
     return [CACHE_FORMAT] + [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in sources]
 
 
-def cached(sources: list[str], kind: str, names: tuple, build) -> tuple[dict, dict]:
+def cached(sources: list[str], kind: str, names: tuple, build, folder: str | None = None) -> tuple[dict, dict]:
     """The paths of cache files `names` (each with its extension) derived from `sources`, and their metadata.
     build(paths) writes them and returns the metadata; it runs when the cache is missing or stale. Files are
-    written under temporary names and renamed, the metadata last, so a crash never leaves a half cache."""
-    folder = cache_folder(sources[0])
+    written under temporary names and renamed, the metadata last, so a crash never leaves a half cache. They
+    go in folder, by default the cache folder of the first source (cache_folder)."""
+    folder = folder or cache_folder(sources[0])
     os.makedirs(folder, exist_ok=True)
     prefix = os.path.join(folder, f"{os.path.basename(sources[0])}.{kind}")
     paths = {name: f"{prefix}.{name}" for name in names}
@@ -91,7 +96,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("RGBA", "LA", "PA"):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 class ImageFolder:
@@ -203,9 +208,13 @@ def open_image_source(path: str):
     return ImageZip(path) if path.endswith(".zip") else ImageFolder(path)
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Bytes to a fully decoded RGB image; raises on a truncated or unreadable file."""
+def decode_image(data: bytes, size: tuple[int, int] | None = None) -> Image.Image:
+    """Bytes to a fully decoded RGB image; raises on a truncated or unreadable file. With size (width,
+    height), a JPEG at least twice as large is decoded at 1/2, 1/4 or 1/8 scale, no smaller than size
+    (libjpeg's DCT scaling: PIL's draft mode), which is much cheaper than decoding it whole to shrink it."""
     image = Image.open(io.BytesIO(data))
+    if size is not None and image.format == "JPEG":
+        image.draft("RGB", size)
     image.load()  # decode now, so a truncated file fails here and not later
     return to_rgb(image)
 
@@ -484,14 +493,18 @@ class EntryStore:
     through the OS page cache, shared by all, and are never mapped into a worker, where every page of
     entries.bin it had touched would count in its memory. Only the offsets are mapped."""
 
-    def __init__(self, files: dict, rows: np.ndarray):
-        self.files, self.rows = files, rows
-        self._fd, self._pid, self._offsets = None, None, None
+    def __init__(self, files: dict, rows: np.ndarray, tokens: dict | None = None):
+        self.files, self.rows, self.tokens = files, rows, tokens  # tokens: a token store's files (tokenized)
+        self._fd, self._pid, self._offsets, self._token_files = None, None, None, None
 
     def _open(self):
         if self._fd is None or self._pid != os.getpid():
             self._fd, self._pid = os.open(self.files["entries.bin"], os.O_RDONLY), os.getpid()
             self._offsets = np.load(self.files["offsets.npy"], mmap_mode="r")
+            self._token_files = None if self.tokens is None else (
+                {name: os.open(self.tokens[name], os.O_RDONLY) for name in ("input_ids.bin", "targets.bin", "images.bin")},
+                np.load(self.tokens["token_offsets.npy"], mmap_mode="r"),
+                np.load(self.tokens["image_offsets.npy"], mmap_mode="r"))
         return self._fd, self._offsets
 
     def __len__(self):
@@ -504,11 +517,113 @@ class EntryStore:
         start, end = (int(v) for v in offsets[self.rows[index]:self.rows[index] + 2])
         return json.loads(os.pread(fd, end - start, start))
 
+    def encoded(self, index: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Entry index as tokenize() stored it: its input ids and labels (int64 arrays) and image names,
+        read without parsing JSON or rendering a chat template."""
+        self._open()
+        descriptors, token_offsets, image_offsets = self._token_files
+        row = self.rows[index]
+        start, end = (int(v) for v in token_offsets[row:row + 2])
+        input_ids = np.frombuffer(os.pread(descriptors["input_ids.bin"], 4 * (end - start), 4 * start), np.int32)
+        targets = np.frombuffer(os.pread(descriptors["targets.bin"], end - start, start), np.bool_)
+        start, end = (int(v) for v in image_offsets[row:row + 2])
+        names = os.pread(descriptors["images.bin"], end - start, start).decode()
+        input_ids = input_ids.astype(np.int64)
+        return input_ids, np.where(targets, input_ids, IGNORE_INDEX), names.split("\0") if names else []
+
+    def lengths(self) -> np.ndarray:
+        """Each entry's length in tokens (tokenized stores only)."""
+        return np.diff(np.load(self.tokens["token_offsets.npy"], mmap_mode="r"))[self.rows]
+
     def select(self, positions: np.ndarray) -> "EntryStore":
-        return EntryStore(self.files, self.rows[positions])
+        return EntryStore(self.files, self.rows[positions], self.tokens)
 
     def __getstate__(self):  # a spawned worker opens the files itself instead of receiving a copy
-        return {**self.__dict__, "_fd": None, "_pid": None, "_offsets": None}
+        return {**self.__dict__, "_fd": None, "_pid": None, "_offsets": None, "_token_files": None}
+
+
+TOKEN_FILES = ("input_ids.bin", "targets.bin", "token_offsets.npy", "images.bin", "image_offsets.npy")
+
+
+def processor_stamp(processor) -> str:
+    """What makes a processor's token ids and labels what they are: the tokenizer (vocabulary, merges, added
+    tokens), the chat template, the system prompt, the end-of-turn token, the image token and how many of
+    them an image takes."""
+    digest = hashlib.sha1(processor.tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(json.dumps([processor.tokenizer.chat_template, processor.system_prompt, processor.end_of_turn,
+                              processor.image_token, processor.num_image_tokens]).encode())
+    return digest.hexdigest()[:16]
+
+
+def encode_rows(store: "EntryStore", processor, rows: range) -> tuple:
+    """The token ids, targets and lengths of stored entries `rows` (a chunk of tokenize()), and their image
+    names, NUL-separated, one bytes object for all."""
+    entries = [store[i] for i in rows]
+    encoded = processor.encode_many([to_messages(e["conversations"], processor.image_placeholder) for e in entries])
+    input_ids = np.array([t for ids, _ in encoded for t in ids], dtype=np.int32)
+    targets = np.array([label != IGNORE_INDEX for _, labels in encoded for label in labels], dtype=np.bool_)
+    names = [("\0".join(image_names(e))).encode() for e in entries]
+    return input_ids, targets, np.array([len(ids) for ids, _ in encoded]), np.array([len(n) for n in names]), b"".join(names)
+
+
+_BUILDING = {}  # what the processes of a tokenize() build work on: set before they fork, inherited
+
+
+def encode_chunk(rows: range) -> tuple:
+    return encode_rows(_BUILDING["store"], _BUILDING["processor"], rows)
+
+
+def tokenize(store: "EntryStore", processor, chunk: int = 2048) -> "EntryStore":
+    """The store with every entry's token ids and labels computed once, by processor.encode_many, and kept
+    beside it (keyed by processor_stamp, rebuilt with the store): later runs and every DataLoader worker read
+    them back. The first time, the entries are tokenized in parallel, one process per core this process may
+    use, with a progress bar."""
+    everything = EntryStore(store.files, np.arange(len(np.load(store.files["has_image.npy"], mmap_mode="r"))))
+
+    def build(files: dict) -> dict:
+        chunks = [range(start, min(start + chunk, len(everything))) for start in range(0, len(everything), chunk)]
+        processes = min(len(os.sched_getaffinity(0)), len(chunks))
+        token_lengths, image_lengths = [], []
+        bar = tqdm(total=len(everything), desc="tokenizing", unit=" entries",
+                   disable=len(everything) < 10_000, dynamic_ncols=True)
+        with open(files["input_ids.bin"], "wb") as ids_file, open(files["targets.bin"], "wb") as targets_file, \
+                open(files["images.bin"], "wb") as names_file, processing_pool(processes, everything, processor) as pool:
+            for input_ids, targets, lengths, name_lengths, names in pool(encode_chunk, chunks):
+                ids_file.write(input_ids.tobytes())
+                targets_file.write(targets.tobytes())
+                names_file.write(names)
+                token_lengths.append(lengths)
+                image_lengths.append(name_lengths)
+                bar.update(len(lengths))
+        bar.close()
+        for name, lengths in (("token_offsets.npy", token_lengths), ("image_offsets.npy", image_lengths)):
+            np.save(files[name], np.concatenate([[0], np.cumsum(np.concatenate(lengths or [[]]))]).astype(np.int64))
+        return {"entries": len(everything), "tokens": int(sum(map(sum, token_lengths)))}
+
+    entries_file = store.files["entries.bin"]
+    files, _ = cached([entries_file], f"tokens-{processor_stamp(processor)}", TOKEN_FILES, build,
+                      folder=os.path.dirname(entries_file))
+    return EntryStore(store.files, store.rows, files)
+
+
+@contextmanager
+def processing_pool(processes: int, store: "EntryStore", processor):
+    """map() over a pool of forked processes that share store and processor, or in this one for a single
+    process (or where fork is not available)."""
+    if processes < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        _BUILDING.update(store=store, processor=processor)
+        yield map
+        return
+    _BUILDING.update(store=store, processor=processor)
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        yield lambda function, chunks: pool.imap(function, chunks)
+    _BUILDING.clear()
+
+
+def without_long_samples(store: "EntryStore", max_length: int) -> tuple["EntryStore", int]:
+    """A tokenized store without its entries longer than max_length tokens, and how many there were."""
+    short = np.flatnonzero(store.lengths() <= max_length)
+    return store.select(short), len(store) - len(short)
 
 
 def is_image_feature(feature) -> bool:
@@ -641,6 +756,7 @@ class Processor:
         self.system_prompt = system_prompt
         if tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
             tokenizer.add_tokens([image_token], special_tokens=True)
+        self.image_token, self.num_image_tokens = image_token, num_image_tokens
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.image_placeholder = image_token * num_image_tokens
         self.end_of_turn = tokenizer.eos_token  # SmolLM2-Instruct: <|im_end|>, the end of every turn
@@ -649,7 +765,6 @@ class Processor:
         if "height" not in size or "width" not in size:
             raise ValueError(f"preprocessor config: expected size with height and width, got {size}")
         self.image_size = (size["height"], size["width"])
-        self.resample = Image.Resampling(image_settings.get("resample", Image.Resampling.BICUBIC))
         rescale = image_settings.get("do_rescale", True)
         self.rescale_factor = image_settings.get("rescale_factor", 1 / 255) if rescale else 1.0
         normalize = image_settings.get("do_normalize", True)
@@ -657,40 +772,80 @@ class Processor:
         self.image_std = image_settings["image_std"] if normalize else [1.0, 1.0, 1.0]
 
     def image_to_pixels(self, image: Image.Image) -> torch.Tensor:
-        """An RGB image resized for the encoder, as uint8 (3, H, W)."""
-        height, width = self.image_size
-        image = to_rgb(image).resize((width, height), self.resample)
-        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+        """An image resized for the encoder, as uint8 (3, H, W). The resize is torch's antialiased bilinear
+        interpolation of uint8 images, whatever filter the encoder's preprocessor config names: several times
+        as fast as PIL's bicubic resize, which took half of a DataLoader worker's time, and within about one
+        level of 255 of it on average (tests/test_data.py)."""
+        pixels = torch.from_numpy(np.array(to_rgb(image))).permute(2, 0, 1)  # (3, h, w) uint8, channels last
+        if tuple(pixels.shape[1:]) != self.image_size:
+            pixels = F.interpolate(pixels[None], size=self.image_size, mode="bilinear", antialias=True)[0]
+        return pixels.contiguous()  # (3, H, W) uint8
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         """The chat template's text. A conversation without a system turn gets system_prompt as one (None
         leaves it to the template, which for SmolLM2 adds a 16-token default to every sample)."""
-        if self.system_prompt is not None and messages and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": self.system_prompt}] + messages
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.render_many([messages], add_generation_prompt)[0]
+
+    def render_many(self, conversations: list[list[dict]], add_generation_prompt: bool) -> list[str]:
+        """render() of several conversations in one call of the template."""
+        if not conversations:
+            return []
+        if self.system_prompt is not None:
+            conversations = [[{"role": "system", "content": self.system_prompt}] + messages
+                             if messages and messages[0]["role"] != "system" else messages
+                             for messages in conversations]
+        return self.tokenizer.apply_chat_template(conversations, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
 
     def encode(self, messages: list[dict]) -> tuple[list[int], list[int]]:
         """Token ids of a whole conversation and its labels: each assistant turn's content and its
         end-of-turn token are targets, every other token (system, user, image, role headers) is IGNORE."""
-        text = self.render(messages, add_generation_prompt=False)
-        spans = []
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            start = len(self.render(messages[:i], add_generation_prompt=True))
-            target = message["content"] + self.end_of_turn
-            if text[start:start + len(target)] != target:
-                raise ValueError("the chat template does not render an assistant turn as "
-                                 "<generation prompt><content><end of turn>; cannot mask labels")
-            spans.append((start, start + len(target)))
-        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        input_ids = encoding["input_ids"]
-        labels = [IGNORE_INDEX] * len(input_ids)
-        for position, (token_start, _) in enumerate(encoding["offset_mapping"]):
-            if any(start <= token_start < end for start, end in spans):
-                labels[position] = input_ids[position]
-        return input_ids, labels
+        return self.encode_many([messages])[0]
+
+    def encode_many(self, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
+        """encode() of several conversations, in one call of the tokenizer. Each image's run of placeholders
+        is tokenized as a single placeholder and widened back to num_image_tokens after: the placeholder is an
+        added token, which splits the text around it, so the ids are the same, for half the tokenizing."""
+        conversations = [[{**m, "content": m["content"].replace(self.image_placeholder, self.image_token)}
+                          for m in messages] for messages in conversations]
+        texts, all_spans, prompt_lengths = [], [], {}  # a prompt before an answer recurs: rendered once
+        for messages, text in zip(conversations, self.render_many(conversations, add_generation_prompt=False)):
+            spans = []
+            for i, message in enumerate(messages):
+                if message["role"] != "assistant":
+                    continue
+                prompt = json.dumps(messages[:i])
+                if prompt not in prompt_lengths:
+                    prompt_lengths[prompt] = len(self.render(messages[:i], add_generation_prompt=True))
+                start = prompt_lengths[prompt]
+                target = message["content"] + self.end_of_turn
+                if text[start:start + len(target)] != target:
+                    raise ValueError("the chat template does not render an assistant turn as "
+                                     "<generation prompt><content><end of turn>; cannot mask labels")
+                spans.append((start, start + len(target)))
+            texts.append(text)
+            all_spans.append(spans)
+        results = []
+        for ids, offsets, spans in zip(*self.tokenize_with_offsets(texts), all_spans):
+            starts = np.array([start for start, _ in offsets], dtype=np.int64)  # each token's first character
+            is_target = np.zeros(len(ids), dtype=bool)
+            for start, end in spans:
+                is_target |= (starts >= start) & (starts < end)
+            ids = np.array(ids, dtype=np.int64)
+            labels = np.where(is_target, ids, IGNORE_INDEX)
+            widths = np.where(ids == self.image_token_id, self.num_image_tokens, 1)  # a placeholder: its run
+            results.append((np.repeat(ids, widths).tolist(), np.repeat(labels, widths).tolist()))
+        return results
+
+    def tokenize_with_offsets(self, texts: list[str]) -> tuple[list, list]:
+        """Token ids and character offsets of texts; straight from the Rust tokenizer when there is one
+        (what the tokenizer's __call__ does too, without turning each encoding into a dict of lists)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            encodings = backend.encode_batch(texts, add_special_tokens=False)
+            return [e.ids for e in encodings], [e.offsets for e in encodings]
+        encodings = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return encodings["input_ids"], encodings["offset_mapping"]
 
     def encode_prompt(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation up to the assistant's next turn: what generation starts from."""
@@ -738,17 +893,20 @@ class LLaVADataset(Dataset):
         return len(self.entries)
 
     def __getitem__(self, index: int) -> dict:
-        entry = self.entries[index]
-        messages = to_messages(entry["conversations"], self.processor.image_placeholder)
-        input_ids, labels = self.processor.encode(messages)
+        if getattr(self.entries, "tokens", None) is not None:  # tokenized once (data.tokenize)
+            input_ids, labels, names = self.entries.encoded(index)
+        else:
+            entry = self.entries[index]
+            input_ids, labels = self.processor.encode(to_messages(entry["conversations"], self.processor.image_placeholder))
+            names = image_names(entry)
         if len(input_ids) > self.max_length:
             return {"skipped": "too long"}
-        names, images = image_names(entry), []
+        images = []
         if names is None:  # open_data never lets such an entry through; a hand-made list might
             return {"skipped": "image missing"}
         for name in names:  # the k-th image fills the k-th run of image tokens
             try:
-                images.append(decode_image(self.images.read(name)))
+                images.append(decode_image(self.images.read(name), self.processor.image_size[::-1]))
             except FileNotFoundError:
                 return {"skipped": "image missing"}
             except (OSError, ValueError, Image.DecompressionBombError):  # PIL: truncated, not an image

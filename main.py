@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data import (IGNORE_INDEX, SKIPPED_WHEN_LOADED, LLaVADataset, StreamSampler, check_data_paths, collate,
-                  decode_image, first_answer, first_question, open_data, pack_step, padded_step, split_entries,
-                  start_worker)
+                  decode_image, first_answer, first_question, open_data, pack_step, padded_step,
+                  split_entries, start_worker, tokenize, without_long_samples)
 from model import (ModelConfig, TinyVLM, autocast, find_model_folder, pick_attention, pick_compile, pick_device,
                    pick_dtype)
 from syncs import no_syncs
@@ -55,7 +55,7 @@ class VLMConfig:
     val_data_path: str = ""  # held-out data like data_path (a hub id: its val_data_split); empty: val_size of it
     val_data_split: str = "validation"
     val_size: int = 1024
-    num_workers: int = 8
+    num_workers: int = -1  # DataLoader workers per process; -1: from this machine's cores (main.data_workers)
     # stage: "pretrain" trains the projector; "finetune" (stage 2) trains the projector and the language model
     stage: str = "pretrain"
     init_from: str = ""  # a trained TinyVLM (model or run folder) to start from: stage 2 starts from stage 1
@@ -301,19 +301,32 @@ class Logger:
 
 def load_data(cfg: VLMConfig, processor, log) -> tuple[LLaVADataset, LLaVADataset]:
     """Train and validation datasets. Entries that cannot be trained on are skipped and counted here, at
-    start-up; samples whose image turns out bad are skipped and counted as they are loaded."""
+    start-up, those longer than max_length tokens among them (every entry is tokenized once, data.tokenize);
+    samples whose image turns out bad are skipped and counted as they are loaded. Under torchrun the first
+    process builds the caches while the others wait, then they read them."""
     require_image = cfg.stage == "pretrain"  # stage 2 mixes text-only samples in, as LLaVA-1.5 does
-    entries, images, skipped, examples = open_data(cfg.data_path, cfg.image_root, require_image, cfg.data_subset,
-                                                   cfg.data_split)
-    if skipped:
-        log(f"{cfg.data_path}: skipped {sum(skipped.values())} entries {dict(skipped)}, e.g. {examples}")
+    if dist.is_initialized() and dist.get_rank() != 0:
+        dist.barrier()
+
+    def tokenized(data_path: str, split: str):
+        entries, images, skipped, examples = open_data(data_path, cfg.image_root, require_image, cfg.data_subset,
+                                                       split)
+        return tokenize(entries, processor), images, skipped, examples
+
+    entries, images, skipped, examples = tokenized(cfg.data_path, cfg.data_split)
     if cfg.val_data_path:
-        val, val_images, val_skipped, _ = open_data(cfg.val_data_path, cfg.image_root, require_image,
-                                                    cfg.data_subset, cfg.val_data_split)
+        val, val_images, val_skipped, _ = tokenized(cfg.val_data_path, cfg.val_data_split)
         train = entries
         skipped.update({f"val {reason}": n for reason, n in val_skipped.items()})
     else:
         (train, val), val_images = split_entries(entries, cfg.val_size, cfg.seed), images
+    if dist.is_initialized() and dist.get_rank() == 0:
+        dist.barrier()
+    train, too_long = without_long_samples(train, cfg.max_length)
+    val, val_too_long = without_long_samples(val, cfg.max_length)
+    skipped.update({reason: n for reason, n in (("too long", too_long), ("val too long", val_too_long)) if n})
+    if skipped:
+        log(f"{cfg.data_path}: skipped {sum(skipped.values())} entries {dict(skipped)}, e.g. {examples}")
     if not len(train):
         raise ValueError(f"{cfg.data_path}: no usable entries ({dict(skipped)})")
     datasets = [LLaVADataset(train, images, processor, cfg.max_length),
@@ -468,13 +481,23 @@ def build_loaders(cfg: VLMConfig, train_set, val_set, processor, position: int, 
                                or cfg.batch_size * cfg.max_length, fill_length=cfg.pack_length, **tokens)
     else:
         step_collate = partial(padded_step, batch_size=cfg.batch_size, **tokens)
-    options = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda", worker_init_fn=start_worker)
+    workers = data_workers(cfg.num_workers)
+    options = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=start_worker)
     sampler = StreamSampler(len(train_set), cfg.seed, position, cfg.batch_size, rank, world_size)
     train_loader = DataLoader(train_set, sampler=sampler, batch_size=cfg.batch_size * cfg.grad_accum_steps,
-                              collate_fn=step_collate, persistent_workers=cfg.num_workers > 0, **options)
+                              collate_fn=step_collate, persistent_workers=workers > 0, **options)
     val_subset = torch.utils.data.Subset(val_set, list(range(rank, len(val_set), world_size)))
     return train_loader, DataLoader(val_subset, batch_size=cfg.batch_size, collate_fn=partial(collate, **tokens),
                                     **options)
+
+
+def data_workers(requested: int) -> int:
+    """DataLoader workers: as requested, or for -1 the cores this process may use less one (the main process
+    drives the device), divided among the processes torchrun started on this machine."""
+    if requested >= 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
 
 
 def for_processes(model: TinyVLM, device: torch.device):
@@ -628,6 +651,8 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
         log(f"resumed {run_dir} at step {progress.step} (sample {progress.position})")
     train_loader, val_loader = build_loaders(cfg, train_set, val_set, model.processor, progress.position, rank,
                                              world_size, device)
+    log(f"data: {len(train_set)} training and {len(val_set)} validation samples, {train_loader.num_workers} "
+        f"DataLoader workers per process, steps of {cfg.batch_size} x {cfg.grad_accum_steps} x {world_size}")
     trainer = for_processes(model, device)
     logger = Logger(cfg, run_dir, is_main, progress.wandb_id or None, progress.step if cfg.resume else None,
                     max_steps)

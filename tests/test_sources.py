@@ -2,6 +2,7 @@
 parquet sources in the LLaVA, Cauldron and chat-messages schemas, several images per entry, wrong types and
 escaping paths, and the start-up checks."""
 
+import glob
 import io
 import json
 import os
@@ -221,6 +222,88 @@ def test_jsonl_in_the_messages_schema_with_string_content(tmp_path, image_folder
     store, images, skipped, _ = open_data(str(tmp_path / "chat.jsonl"), image_folder, True)
     assert len(store) == 1 and skipped == {"unknown role": 1}
     assert mean_colour(LLaVADataset(store, images, processor)[0]["pixels"])[1] > 200
+
+
+# -- tokenized once ------------------------------------------------------------------------------------------
+
+
+def reference_encode(processor, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Processor.encode as it was written first: the whole text, every placeholder in it, tokenized with
+    offsets, and the tokens inside the assistant turns' spans made targets."""
+    text = processor.render(messages, add_generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            start = len(processor.render(messages[:i], add_generation_prompt=True))
+            spans.append((start, start + len(message["content"] + processor.end_of_turn)))
+    encoding = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [token if any(a <= offset < b for a, b in spans) else IGNORE_INDEX
+              for token, (offset, _) in zip(encoding["input_ids"], encoding["offset_mapping"])]
+    return encoding["input_ids"], labels
+
+
+def every_schema(tmp_path, image_folder) -> list[str]:
+    """Data files in each schema the sources read: LLaVA JSON (the marker before or after, several turns, text
+    only, several images), JSONL chat messages, and parquet in the Cauldron's and the messages schema."""
+    llava = [{"id": "a", "image": "red.jpg", "conversations": turns("<image>\nWhat colour?", "Red.")},
+             {"id": "b", "image": "blue.jpg", "conversations": turns("What colour is it?\n<image>", "Blue, mostly.")},
+             {"id": "c", "image": "green.jpg", "conversations": turns("<image>\nHi", "Green.") + turns("Sure?", "Yes.")},
+             {"id": "d", "conversations": turns("Say something.", "Something.")},
+             {"id": "e", "image": ["red.jpg", "blue.jpg"], "conversations": turns("<image> or <image>?", "The first.")}]
+    (tmp_path / "llava.json").write_text(json.dumps(llava))
+    messages = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>\nColour?"},
+                              {"role": "assistant", "content": "Green."}], "image": "green.jpg"}]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in messages))
+    pair = {"user": datasets.Value("string"), "assistant": datasets.Value("string")}
+    cauldron = write_parquet(tmp_path / "cauldron.parquet", {
+        "images": [embedded("red.jpg"), embedded("green.jpg", "blue.jpg")],
+        "texts": [[{"user": "Colour?", "assistant": "Red."}],
+                  [{"user": "Colours?", "assistant": "Green, blue."}, {"user": "First?", "assistant": "Green."}]]},
+        {"images": datasets.List(datasets.Image()), "texts": datasets.List(pair)})
+    return [str(tmp_path / "llava.json"), str(tmp_path / "chat.jsonl"), cauldron]
+
+
+def test_tokenized_samples_are_those_the_chat_template_gives_on_every_schema(tmp_path, image_folder, processor):
+    for path in every_schema(tmp_path, image_folder):
+        store, images, skipped, _ = open_data(path, image_folder, require_image=False)
+        tokenized = data.tokenize(store, processor)
+        assert not skipped and len(tokenized) == len(store) > 0
+        for i in range(len(store)):
+            input_ids, labels, names = tokenized.encoded(i)
+            expected = reference_encode(processor, data.to_messages(store[i]["conversations"],
+                                                                    processor.image_placeholder))
+            assert (input_ids.tolist(), labels.tolist()) == expected, (path, i)
+            assert names == data.image_names(store[i])
+            from_store, from_tokens = LLaVADataset(store, images, processor)[i], LLaVADataset(tokenized, images,
+                                                                                              processor)[i]
+            assert list(from_store["input_ids"]) == list(from_tokens["input_ids"])
+            assert (from_store["pixels"] is None and from_tokens["pixels"] is None) or \
+                torch.equal(from_store["pixels"], from_tokens["pixels"])
+
+
+def test_tokens_are_built_once_in_parallel_and_again_for_another_tokenizer_setting(tmp_path, image_folder,
+                                                                                      processor, tokenizer, monkeypatch):
+    entries = [{"id": str(i), "image": "red.jpg", "conversations": turns("<image>\nColour" + "?" * i, "Red.")}
+               for i in range(40)]
+    (tmp_path / "chat.json").write_text(json.dumps(entries))
+    store = open_data(str(tmp_path / "chat.json"), image_folder, True)[0]
+    serial = [store_tokens(data.tokenize(store, processor, chunk=1000), i) for i in range(40)]
+    for path in glob.glob(str(tmp_path / ".tinyvlm_cache" / "*tokens*")):
+        os.remove(path)
+    parallel = data.tokenize(store, processor, chunk=3)  # 14 chunks over as many processes as there are cores
+    assert [store_tokens(parallel, i) for i in range(40)] == serial
+    monkeypatch.setattr(data, "encode_rows", lambda *args: pytest.fail("tokenized again"))
+    assert [store_tokens(data.tokenize(store, processor), i) for i in range(40)] == serial  # read back
+    monkeypatch.undo()
+    other = Processor(tokenizer, dict(demo.SIGLIP_PREPROCESSING, size={"height": 16, "width": 16}), "<image>", 4,
+                      system_prompt="You describe images.")
+    assert store_tokens(data.tokenize(store, other), 0) != serial[0]  # another system prompt: other tokens
+    assert store_tokens(data.tokenize(store, processor), 0) == serial[0]  # each setting keeps its own
+
+
+def store_tokens(store, index: int) -> tuple:
+    input_ids, labels, names = store.encoded(index)
+    return input_ids.tolist(), labels.tolist(), names
 
 
 # -- several images per entry --------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from data import collate, padded_step, to_messages
-from main import (VLMConfig, build_model, checkpoint_folder, forward_backward, load_training_state, lr_factor, main,
-                  parse_args, resolve_config, save_atomically, train, with_micro_batches)
+from main import (VLMConfig, build_model, checkpoint_folder, data_workers, forward_backward, load_training_state,
+                  lr_factor, main, parse_args, resolve_config, save_atomically, train, with_micro_batches)
 
 CPU = torch.device("cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -238,6 +238,16 @@ def test_micro_batches_default_to_one_of_256_on_cuda_and_four_of_64_elsewhere():
     assert sizes(with_micro_batches(VLMConfig(batch_size=32, grad_accum_steps=2), cuda)) == (32, 2)  # as given
 
 
+def test_data_workers_default_to_the_cores_left_after_the_main_process_shared_by_local_processes(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert data_workers(-1) == 15 and data_workers(3) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun --nproc_per_node 4
+    assert data_workers(-1) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert data_workers(-1) == 0  # one core: the main process loads the data itself
+
+
 def test_wandb_offline_run_and_metrics_jsonl_are_written(tiny_config):
     run_dir = run(dataclasses.replace(tiny_config, wandb_mode="offline"))
     assert glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
@@ -266,11 +276,14 @@ def test_bad_data_is_skipped_counted_and_logged(tiny_config, shapes_data, tmp_pa
     entries[0]["image"] = "missing.jpg"
     entries[1]["conversations"][0]["value"] = "no marker here"
     entries[2]["conversations"][1]["value"] = ""
+    entries[3]["conversations"][1]["value"] = "a very long caption " * 40  # over max_length (128 tokens)
     (tmp_path / "chat.json").write_text(json.dumps(entries))
     run_dir = run(dataclasses.replace(tiny_config, data_path=str(tmp_path / "chat.json"), max_steps=6))
-    last = [m for m in metrics(run_dir) if "train/loss" in m][-1]
+    logged = [m for m in metrics(run_dir) if "train/loss" in m]
+    last = logged[-1]
     assert last["data/skipped no <image> marker"] == 1 and last["data/skipped empty caption"] == 1
-    assert last["data/skipped image missing"] == 1  # 6 steps of 4 cover the 22 kept entries once
+    assert last["data/skipped too long"] == 1  # known before training: every step has its 4 samples
+    assert last["data/skipped image missing"] == 1  # 6 steps of 4 cover the 21 kept entries once
     assert load_training_state(run_dir)["skipped_samples"].tolist() == [1, 0, 0]
     resumed = run(dataclasses.replace(tiny_config, data_path=str(tmp_path / "chat.json"), max_steps=7,
                                       resume=run_dir))
