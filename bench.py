@@ -36,61 +36,24 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-from data import (IGNORE_INDEX, LLaVADataset, Processor, collate, decode_image, open_data, open_image_source,
-                  pack_step, padded_step, start_worker, to_messages, tokenize)
+from data import LLaVADataset, Processor, collate, pack_step, padded_step, start_worker
+from sources import IGNORE_INDEX, decode_image, llava_to_messages, open_data, open_image_source, tokenize
 from main import (FINETUNE_CONFIG, VLMConfig, build_model, data_workers, forward_backward, load_training_state,
                   to_device, train, with_micro_batches)
 from model import SIGLIP_PREPROCESSING, ModelConfig, TinyVLM, autocast, pick_compile, pick_device, pick_dtype
 from syncs import SyncRecorder
+from synthetic import (CC3M_ENTRIES, TOKENIZER_DIR, cc3m_like_entries, cc3m_like_jpeg, cc3m_like_samples,
+                       cc3m_like_zip, encoded_samples, instruct_like_samples, llava_caption_set, make_scale_set,
+                       mix665k_like_entries, model_folders, random_model)
 
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0)
-TINY_LM = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, tie_word_embeddings=True)
-TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
 
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets (no sparsity), in TFLOP/s, matched on the device name.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
                    "A100": 312.0, "A40": 149.7, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.2}
-TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "smollm2-tokenizer")
-INSTRUCTIONS = ("Describe the image concisely.", "Provide a brief description of the given image.",
-                "Summarize the visual content of the image.")  # three of LLaVA-CC3M's
-CAPTION_WORDS = ("a photo of the old stone bridge over the river in the autumn light with people walking "
-                 "across it near a small town").split()
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Models and batches
-
-
-def random_model(tiny: bool, weights_dtype: torch.dtype, attention: str, tokenizer, device) -> TinyVLM:
-    """TinyVLM at the real sizes (or tiny ones) with random weights."""
-    torch.manual_seed(0)
-    vision = SiglipVisionModel(SiglipVisionConfig(vision_use_head=False, attn_implementation=attention,
-                                                  **(TINY_VISION if tiny else {})))
-    lm = LlamaForCausalLM(LlamaConfig(attn_implementation=attention, eos_token_id=tokenizer.eos_token_id,
-                                      pad_token_id=tokenizer.pad_token_id, **(TINY_LM if tiny else SMOLLM2_135M)))
-    defaults = VLMConfig()
-    config = ModelConfig(vision_model="random SigLIP", language_model="random SmolLM2",
-                         vision_feature_layer=defaults.vision_feature_layer,
-                         pixel_shuffle_factor=defaults.pixel_shuffle_factor,
-                         projector_hidden_dim=64 if tiny else defaults.projector_hidden_dim)
-    model = TinyVLM(config, vision.to(weights_dtype), lm.to(weights_dtype), tokenizer, SIGLIP_PREPROCESSING)
-    return model.to(device)
-
-
-def synthetic_samples(model: TinyVLM, count: int, seed: int = 0) -> list[dict]:
-    """CC3M-like samples: a LLaVA instruction, a caption of 6-16 words (CC3M's are about 10), a 224 px image."""
-    rng = random.Random(seed)
-    generator = torch.Generator().manual_seed(seed)
-    samples = []
-    for _ in range(count):
-        caption = " ".join(rng.choice(CAPTION_WORDS) for _ in range(rng.randint(6, 16))) + " ."
-        turns = [{"from": "human", "value": f"{rng.choice(INSTRUCTIONS)}\n<image>"}, {"from": "gpt", "value": caption}]
-        input_ids, labels = model.processor.encode(to_messages(turns, model.processor.image_placeholder))
-        pixels = torch.randint(0, 256, (3, 224, 224), dtype=torch.uint8, generator=generator)
-        samples.append({"input_ids": input_ids, "labels": labels, "pixels": pixels})
-    return samples
 
 
 def padded_batch_on(batch: dict, device) -> dict:
@@ -189,7 +152,7 @@ def bench_train(args, tokenizer, device, dtype) -> list[dict]:
     rows = []
     for name, weights_dtype, loss_kind, attention in variants:
         model = random_model(args.tiny, weights_dtype, attention, tokenizer, device)
-        samples = synthetic_samples(model, args.batch_size)
+        samples = cc3m_like_samples(model, args.batch_size)
         batch = collate(samples, tokenizer.pad_token_id)
         tokens = batch["attention_mask"].sum().item() / args.batch_size
         targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
@@ -250,23 +213,6 @@ def proc_status_bytes(field: str) -> float:
         return next(float(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
-def instruct_samples(model: TinyVLM, count: int, seed: int = 0) -> list[dict]:
-    """LLaVA-Instruct-like samples: three question-answer turns of 40-70 words after the image."""
-    rng = random.Random(seed)
-    generator = torch.Generator().manual_seed(seed)
-    samples = []
-    for _ in range(count):
-        turns = []
-        for k in range(3):
-            question = " ".join(rng.choice(CAPTION_WORDS) for _ in range(10)) + "?"
-            turns += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + question},
-                      {"from": "gpt", "value": " ".join(rng.choice(CAPTION_WORDS) for _ in range(rng.randint(40, 70)))}]
-        input_ids, labels = model.processor.encode(to_messages(turns, model.processor.image_placeholder))
-        pixels = torch.randint(0, 256, (3, 224, 224), dtype=torch.uint8, generator=generator)
-        samples.append({"input_ids": input_ids, "labels": labels, "pixels": pixels})
-    return samples
-
-
 def bench_finetune(args, tokenizer, device, dtype) -> list[dict]:
     """Stage 2's training step (projector and language model trained, fp32 weights under autocast) with and
     without gradient checkpointing: time and peak memory, the whole process's and per sample above idle."""
@@ -276,7 +222,7 @@ def bench_finetune(args, tokenizer, device, dtype) -> list[dict]:
         model.lm.float().requires_grad_(True)
         if checkpointing:
             model.checkpoint_language_model()
-        batch = collate(instruct_samples(model, args.finetune_batch_size), tokenizer.pad_token_id)
+        batch = collate(instruct_like_samples(model, args.finetune_batch_size), tokenizer.pad_token_id)
         tokens = batch["attention_mask"].sum().item() / args.finetune_batch_size
         targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
         batch = padded_batch_on(batch, device)
@@ -420,7 +366,7 @@ def default_config_token_shares(tokenizer, steps: int = 64) -> list[dict]:
     for batch_size, accumulation in ((64, 4), (128, 2), (256, 1)):
         share = batch_size * accumulation
         entries = cc3m_like_entries(share * steps, seed=1)
-        lengths = [len(processor.encode(to_messages(e["conversations"], processor.image_placeholder))[0])
+        lengths = [len(processor.encode_llava(e["conversations"])[0])
                    for e in entries]
         for layout, multiple in (("stream order", 1), ("by length", 1), ("by length, widths rounded up to 8", 8)):
             real = slots = 0
@@ -493,69 +439,6 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-
-def cc3m_like_jpeg(rng: random.Random, quality: int = 75) -> bytes:
-    """A JPEG like CC3M's (about 12 KB; 14.5 KB at quality 85): a smooth gradient, a few shapes, texture."""
-    width, height = rng.choice([(400, 300), (300, 400), (500, 333), (333, 500)])
-    image = Image.linear_gradient("L").resize((width, height)).convert("RGB")
-    draw = ImageDraw.Draw(image)
-    for _ in range(4):
-        x, y = rng.randrange(width), rng.randrange(height)
-        draw.ellipse((x, y, x + rng.randint(20, 150), y + rng.randint(20, 150)),
-                     fill=tuple(rng.randrange(256) for _ in range(3)))
-    for _ in range(35):  # texture, so the JPEGs weigh what photos do
-        x, y = rng.randrange(width), rng.randrange(height)
-        draw.line((x, y, x + rng.randint(-60, 60), y + rng.randint(-60, 60)),
-                  fill=tuple(rng.randrange(256) for _ in range(3)), width=2)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-def cc3m_like_zip(folder: str, count: int, seed: int = 0, distinct: int = 0) -> str:
-    """A zip of small JPEGs like CC3M's (about 11 KB each): smooth gradients with a few shapes. With distinct,
-    only that many different ones, repeated (they are decoded the same way, and made faster)."""
-    rng = random.Random(seed)
-    pool = [cc3m_like_jpeg(rng) for _ in range(min(distinct, count))]
-    path = os.path.join(folder, "images.zip")
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
-        for i in range(count):
-            archive.writestr(f"GCC_train_{i:09d}.jpg", pool[i % len(pool)] if pool else cc3m_like_jpeg(rng))
-    return path
-
-
-CC3M_ENTRIES = 595_375
-
-
-def make_scale_set(folder: str, num_entries: int, num_images: int = CC3M_ENTRIES, seed: int = 0) -> dict:
-    """A synthetic set shaped like LLaVA-CC3M-Pretrain-595K, made once under `folder` and reused:
-    images.zip (num_images ZIP_STORED JPEGs of about 14.5 KB, 8.6 GB; 512 distinct ones repeat, to spare the CPU) and
-    chat_<num_entries>.json (entry i shows image i mod num_images, so 5M entries reuse the 595K images)."""
-    os.makedirs(folder, exist_ok=True)
-    rng = random.Random(seed)
-    zip_path, json_path = os.path.join(folder, "images.zip"), os.path.join(folder, f"chat_{num_entries}.json")
-    if not os.path.isfile(zip_path):
-        pool = [cc3m_like_jpeg(rng, quality=85) for _ in range(512)]
-        with zipfile.ZipFile(zip_path + ".tmp", "w", zipfile.ZIP_STORED) as archive:
-            for i in range(num_images):
-                archive.writestr(f"GCC_train_{i:09d}.jpg", pool[i % len(pool)])
-        os.replace(zip_path + ".tmp", zip_path)
-    if not os.path.isfile(json_path):
-        rng = random.Random(seed + 1)
-        with open(json_path + ".tmp", "w") as f:  # written entry by entry: 5M entries never sit in memory
-            f.write("[")
-            for i in range(num_entries):
-                instruction = rng.choice(INSTRUCTIONS)
-                human = f"{instruction}\n<image>" if rng.random() < 0.5 else f"<image>\n{instruction}"
-                caption = " ".join(rng.choices(CAPTION_WORDS, k=rng.randint(6, 14))) + " ."
-                entry = {"id": f"GCC_train_{i:09d}", "image": f"GCC_train_{i % num_images:09d}.jpg",
-                         "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}]}
-                f.write(("," if i else "") + json.dumps(entry))
-            f.write("]")
-        os.replace(json_path + ".tmp", json_path)
-    return {"data_path": json_path, "image_root": zip_path}
-
-
 def bench_data(args, tokenizer, worker_counts=None, repeats: int = 1, images_per_worker: int = 0) -> list[dict]:
     """Images/s of the whole input pipeline (zip read, JPEG decode, resize, stored tokens, collate), by the
     number of DataLoader workers. Each of --data_images JPEGs is read `repeats` times (as separate entries);
@@ -597,24 +480,6 @@ def bench_data(args, tokenizer, worker_counts=None, repeats: int = 1, images_per
 # The data path stage by stage (--parts data): what one DataLoader worker spends on a sample, before and now
 
 
-def sized_jpeg(rng: random.Random, size: tuple[int, int], quality: int = 75) -> bytes:
-    """A CC3M-like JPEG (a gradient, shapes, texture: see cc3m_like_jpeg) of the given size."""
-    width, height = size
-    image = Image.linear_gradient("L").resize((width, height)).convert("RGB")
-    draw = ImageDraw.Draw(image)
-    for _ in range(4):
-        x, y = rng.randrange(width), rng.randrange(height)
-        draw.ellipse((x, y, x + rng.randint(20, 150), y + rng.randint(20, 150)),
-                     fill=tuple(rng.randrange(256) for _ in range(3)))
-    for _ in range(35 * width * height // 120_000):
-        x, y = rng.randrange(width), rng.randrange(height)
-        draw.line((x, y, x + rng.randint(-60, 60), y + rng.randint(-60, 60)),
-                  fill=tuple(rng.randrange(256) for _ in range(3)), width=2)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
-
-
 class BeforeDataset(torch.utils.data.Dataset):
     """The training sample as data.py made it before (kept here to measure against): the whole JPEG decoded,
     converted to RGB twice, PIL's bicubic resize, a numpy copy, and the chat template rendered and tokenized
@@ -642,7 +507,7 @@ class BeforeDataset(torch.utils.data.Dataset):
         clock("resize")
         pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
         clock("to tensor")
-        messages = to_messages(entry["conversations"], self.processor.image_placeholder)
+        messages = llava_to_messages(entry["conversations"], self.processor.image_placeholder)
         text = self.processor.render(messages, add_generation_prompt=False)
         start = len(self.processor.render(messages[:1], add_generation_prompt=True))
         encoding = self.processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -715,7 +580,7 @@ def bench_data_profile(args, tokenizer) -> list[dict]:
             count = args.profile_samples
             with zipfile.ZipFile(f"{folder}/images.zip", "w", zipfile.ZIP_STORED) as archive:
                 for i in range(count):
-                    archive.writestr(f"{i}.jpg", sized_jpeg(rng, size))
+                    archive.writestr(f"{i}.jpg", cc3m_like_jpeg(rng, size=size))
             entries = [dict(e, image=f"{e['id']}.jpg") for e in cc3m_like_entries(count)]
             with open(f"{folder}/chat.json", "w") as f:
                 json.dump(entries, f)
@@ -860,35 +725,6 @@ def bench_generate(args, tokenizer, device, dtype) -> list[dict]:
 # real sizes, is the data pipeline fast enough to feed it, and what does one CC3M epoch cost
 
 
-def tiny_model_folders(folder: str, tokenizer) -> dict:
-    """A tiny random SigLIP (64 px, 8 px patches, with its preprocessor config) and a tiny random Llama with
-    the real tokenizer, saved as from_pretrained folders: what main.py's loop loads in the checks."""
-    torch.manual_seed(0)
-    vision = SiglipVisionModel(SiglipVisionConfig(vision_use_head=False, image_size=64, patch_size=8, **TINY_VISION))
-    vision.save_pretrained(f"{folder}/vision")
-    with open(f"{folder}/vision/preprocessor_config.json", "w") as f:
-        json.dump(dict(SIGLIP_PREPROCESSING, size={"height": 64, "width": 64}), f)
-    lm = LlamaForCausalLM(LlamaConfig(**dict(TINY_LM, initializer_range=0.5), bos_token_id=tokenizer.bos_token_id,
-                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    lm.save_pretrained(f"{folder}/lm")
-    tokenizer.save_pretrained(f"{folder}/lm")
-    return {"vision_model": f"{folder}/vision", "language_model": f"{folder}/lm"}
-
-
-def real_model_folders(folder: str, tokenizer) -> dict:
-    """SigLIP-base-patch16-224 and SmolLM2-135M-Instruct at their real sizes with random weights, saved in bf16
-    as from_pretrained folders (with the preprocessor config and the real tokenizer): what main.py loads."""
-    torch.manual_seed(0)
-    SiglipVisionModel(SiglipVisionConfig()).to(torch.bfloat16).save_pretrained(f"{folder}/vision")
-    with open(f"{folder}/vision/preprocessor_config.json", "w") as f:
-        json.dump(SIGLIP_PREPROCESSING, f)
-    lm = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M, bos_token_id=tokenizer.bos_token_id,
-                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    lm.to(torch.bfloat16).save_pretrained(f"{folder}/lm")
-    tokenizer.save_pretrained(f"{folder}/lm")
-    return {"vision_model": f"{folder}/vision", "language_model": f"{folder}/lm"}
-
-
 def default_path(args, tokenizer, device) -> dict:
     """main.py's training loop as a real run takes it: models loaded from folders (real sizes, or tiny), CC3M-like
     data in chat.json + images.zip, DataLoader workers (pinned memory on CUDA), the default micro-batches,
@@ -898,7 +734,7 @@ def default_path(args, tokenizer, device) -> dict:
     steady state (compiling and workers starting) and the steady samples/s, data loading included."""
     folder = tempfile.mkdtemp(prefix="tinyvlm-path-")
     steps, log_every = args.path_steps, 2 if args.tiny else 5
-    models = tiny_model_folders(folder, tokenizer) if args.tiny else real_model_folders(folder, tokenizer)
+    models = model_folders(folder, tokenizer, tiny=args.tiny)
     cfg = with_micro_batches(VLMConfig(), device)
     if args.tiny:
         cfg = replace(cfg, batch_size=8, grad_accum_steps=2, vision_feature_layer=-1, projector_hidden_dim=64,
@@ -929,21 +765,6 @@ def default_path(args, tokenizer, device) -> dict:
                   steady_samples_per_s=steady, samples_per_s_by_interval=rates)
     shutil.rmtree(folder, ignore_errors=True)
     return result
-
-
-def llava_caption_set(folder: str, num_train: int, num_val: int, seed: int = 0, distinct_images: int = 0) -> dict:
-    """chat.json, val.json and images.zip in LLaVA-CC3M-Pretrain-595K's layout, with CC3M-like captions."""
-    rng = random.Random(seed)
-    zip_path = cc3m_like_zip(folder, num_train + num_val, seed, distinct_images)
-    entries = []
-    for i in range(num_train + num_val):
-        caption = " ".join(rng.choice(CAPTION_WORDS) for _ in range(rng.randint(6, 16))) + " ."
-        entries.append({"id": f"GCC_train_{i:09d}", "image": f"GCC_train_{i:09d}.jpg", "conversations": [
-            {"from": "human", "value": f"{rng.choice(INSTRUCTIONS)}\n<image>"}, {"from": "gpt", "value": caption}]})
-    for name, part in (("chat.json", entries[:num_train]), ("val.json", entries[num_train:])):
-        with open(os.path.join(folder, name), "w") as f:
-            json.dump(part, f)
-    return {"data_path": f"{folder}/chat.json", "val_data_path": f"{folder}/val.json", "image_root": zip_path}
 
 
 def run_quietly(function, *args):
@@ -1116,7 +937,7 @@ def bench_train_speed(args, tokenizer, device, dtype) -> list[dict]:
         optimizer = torch.optim.AdamW(model.projector.parameters(), lr=1e-4, fused=device.type == "cuda")
         scaler = torch.amp.GradScaler(device.type, enabled=False)
         for batch_size in args.suite_batch_sizes:
-            batch = collate(synthetic_samples(model, batch_size), tokenizer.pad_token_id)
+            batch = collate(cc3m_like_samples(model, batch_size), tokenizer.pad_token_id)
             tokens = batch["attention_mask"].sum().item() / batch_size
             targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item() / batch_size
             if device.type == "cuda":
@@ -1206,71 +1027,6 @@ def run_gpu_suite(args, tokenizer, device, dtype, report: dict) -> bool:
 
 # ----------------------------------------------------------------------------------------------------------
 # Packing
-
-
-# llava_v1_5_mix665k as the LLaVA-1.5 paper lists it (its Table 7: source, conversations), and how each source
-# is shaped there: (image, turns, words per question, words per answer), each drawn uniformly from its range.
-# The shapes are estimates from how LLaVA-1.5 formats each source (all questions about one image in one
-# conversation; short answers with a one-word instruction), not statistics of the file, which cannot be read here.
-SHORT_ANSWER = "Answer the question using a single word or phrase."
-MIX665K_SOURCES = {
-    "LLaVA-Instruct conversation": (58_000, True, (1, 5), (6, 15), (20, 120), ""),
-    "LLaVA-Instruct detail": (23_000, True, (1, 1), (6, 12), (60, 150), ""),
-    "LLaVA-Instruct reasoning": (77_000, True, (1, 1), (10, 25), (60, 180), ""),
-    "ShareGPT (text only)": (40_000, False, (1, 6), (10, 200), (50, 400), ""),
-    "VQAv2": (83_000, True, (2, 8), (4, 10), (1, 3), SHORT_ANSWER),
-    "GQA": (72_000, True, (3, 15), (6, 14), (1, 3), SHORT_ANSWER),
-    "OKVQA": (9_000, True, (1, 3), (6, 12), (1, 3), SHORT_ANSWER),
-    "OCRVQA": (80_000, True, (3, 7), (5, 10), (1, 8), SHORT_ANSWER),
-    "A-OKVQA": (66_000, True, (1, 2), (20, 35), (1, 1), "Answer with the option's letter."),
-    "TextCaps": (22_000, True, (1, 1), (8, 8), (8, 20), ""),
-    "RefCOCO": (48_000, True, (2, 10), (10, 15), (2, 8), ""),
-    "VG": (86_000, True, (3, 12), (10, 14), (3, 10), ""),
-}
-WORDS = (CAPTION_WORDS + "what is the man holding in his hand why might this be a good place to sit and read "
-         "describe picture region colour number written sign [0.12, 0.34, 0.56, 0.78]".split())
-
-
-def mix665k_like_entries(count: int, seed: int = 0) -> list[dict]:
-    """LLaVA entries drawn from MIX665K_SOURCES in proportion to their sizes."""
-    rng = random.Random(seed)
-    names = list(MIX665K_SOURCES)
-    weights = [MIX665K_SOURCES[name][0] for name in names]
-    entries = []
-    for i in range(count):
-        _, has_image, turns, question_words, answer_words, suffix = MIX665K_SOURCES[rng.choices(names, weights)[0]]
-        conversation = []
-        for k in range(rng.randint(*turns)):
-            question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*question_words))) + "? " + suffix
-            answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*answer_words))) + "."
-            marker = "<image>\n" if has_image and k == 0 else ""
-            conversation += [{"from": "human", "value": marker + question.strip()}, {"from": "gpt", "value": answer}]
-        entries.append({"id": str(i), **({"image": f"{i}.jpg"} if has_image else {}), "conversations": conversation})
-    return entries
-
-
-def cc3m_like_entries(count: int, seed: int = 0) -> list[dict]:
-    """LLaVA-CC3M entries: a LLaVA instruction and a caption of 6-16 words (CC3M's are about 10)."""
-    rng = random.Random(seed)
-    return [{"id": str(i), "image": f"{i}.jpg", "conversations": [
-        {"from": "human", "value": f"{rng.choice(INSTRUCTIONS)}\n<image>"},
-        {"from": "gpt", "value": " ".join(rng.choice(CAPTION_WORDS) for _ in range(rng.randint(6, 16))) + " ."}]}
-        for i in range(count)]
-
-
-def encoded_samples(model: TinyVLM, entries: list[dict], max_length: int, seed: int = 0) -> list[dict]:
-    """Entries as training samples; those longer than max_length skipped, as in training. The samples with
-    an image share one random image: its pixels do not change the time a step takes."""
-    image = torch.randint(0, 256, (3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-    samples = []
-    for entry in entries:
-        messages = to_messages(entry["conversations"], model.processor.image_placeholder)
-        input_ids, labels = model.processor.encode(messages)
-        if len(input_ids) > max_length:
-            samples.append({"skipped": "too long"})
-            continue
-        samples.append({"input_ids": input_ids, "labels": labels, "pixels": image if "image" in entry else None})
-    return samples
 
 
 def step_batches(share: list[dict], layout: str, batch_size: int, max_length: int, max_tokens: int, pad: int) -> list:

@@ -18,7 +18,7 @@ from collections import defaultdict
 import transformers
 from PIL import Image
 
-from data import decode_image, first_answer, first_question, load_llava_json, open_image_source, to_rgb
+from sources import decode_image, first_answer, first_question, load_llava_json, open_image_source, to_rgb
 from generate import answer
 from model import load_for_inference
 

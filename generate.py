@@ -16,7 +16,7 @@ import transformers
 from PIL import Image
 from tqdm import tqdm
 
-from data import decode_image, first_answer, first_question, load_llava_json, open_image_source
+from sources import IMAGE_ERRORS, decode_image, first_answer, first_question, load_llava_json, open_image_source
 from model import autocast, load_for_inference
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -71,7 +71,7 @@ def answer(model, jobs: list[dict], load_image, device, dtype, batch_size: int =
             try:
                 images.append(load_image(job))
                 batch.append(job)
-            except (OSError, ValueError, Image.DecompressionBombError) as error:
+            except IMAGE_ERRORS as error:
                 job["error"] = f"cannot read image: {error}"
                 print(f"error: {job['image']}: {job['error']}", file=sys.stderr)
         if batch:

@@ -24,13 +24,12 @@ import torch
 import torch.distributed as dist
 import transformers
 from torch.nn.parallel import DistributedDataParallel
-from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import (IGNORE_INDEX, SKIPPED_WHEN_LOADED, LLaVADataset, StreamSampler, check_data_paths, collate,
-                  decode_image, first_answer, first_question, open_data, pack_step, padded_step,
-                  split_entries, start_worker, tokenize, without_long_samples)
+from data import LLaVADataset, SKIPPED_WHEN_LOADED, StreamSampler, collate, pack_step, padded_step, start_worker
+from sources import (IGNORE_INDEX, IMAGE_ERRORS, check_data_paths, decode_image, first_answer, first_question, open_data,
+                     split_entries, tokenize, without_long_samples)
 from model import (ModelConfig, TinyVLM, autocast, find_model_folder, pick_attention, pick_compile, pick_device,
                    pick_dtype)
 from syncs import no_syncs
@@ -164,6 +163,11 @@ def with_micro_batches(cfg: VLMConfig, device: torch.device, world_size: int = 1
     if grad_accum_steps == -1:
         grad_accum_steps = max(1, GLOBAL_BATCH // (batch_size * world_size))
     return replace(cfg, batch_size=batch_size, grad_accum_steps=grad_accum_steps)
+
+
+def command_line(cfg: VLMConfig) -> list[str]:
+    """cfg as main.py's arguments (--field=value), which parse_args reads back into the same config."""
+    return [f"--{name}={value}" for name, value in asdict(cfg).items()]
 
 
 def model_config(cfg: VLMConfig) -> ModelConfig:
@@ -399,7 +403,7 @@ def readable_images(dataset: LLaVADataset, count: int) -> tuple[list[dict], list
         try:
             images.append(decode_image(dataset.images.read(entry["image"])))
             entries.append(entry)
-        except (OSError, ValueError, Image.DecompressionBombError):
+        except IMAGE_ERRORS:
             continue
     return entries, images
 

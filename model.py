@@ -20,7 +20,8 @@ from transformers.image_processing_utils import ImageProcessingMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from data import IGNORE_INDEX, Processor, collate, model_positions
+from data import Processor, collate, model_positions
+from sources import IGNORE_INDEX
 
 
 # google/siglip-base-patch16-224's preprocessor_config.json: for encoders built from a config (tests, bench.py,
@@ -439,7 +440,7 @@ class TinyVLM(nn.Module):
         """Left-padded generation prompts, built exactly as in training (Processor), on this model's device:
         `images` holds per prompt a PIL image, a list of them (several images, placed where the prompt's <image>
         markers are, else first) or None (text only); `prompts` is one string for all or one per image. A prompt
-        may also be a whole conversation so far (a list of messages with one image, see Processor.chat_messages)."""
+        may also be a whole conversation so far (a list of messages with one image, see Processor.conversation_messages)."""
         prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
         if len(prompts) != len(images):
             raise ValueError(f"got {len(images)} images and {len(prompts)} prompts")
@@ -447,7 +448,7 @@ class TinyVLM(nn.Module):
         for image, prompt in zip(images, prompts):
             images_of_prompt = list(image) if isinstance(image, (list, tuple)) else [] if image is None else [image]
             messages = (self.processor.prompt_messages(prompt, len(images_of_prompt)) if isinstance(prompt, str)
-                        else self.processor.chat_messages(prompt, bool(images_of_prompt)))
+                        else self.processor.conversation_messages(prompt, bool(images_of_prompt)))
             input_ids = self.processor.encode_prompt(messages)
             pixels = self.processor.images_to_pixels(images_of_prompt)  # None, (3, H, W) or (k, 3, H, W)
             samples.append({"input_ids": input_ids, "labels": [IGNORE_INDEX] * len(input_ids), "pixels": pixels})
@@ -477,7 +478,7 @@ class TinyVLM(nn.Module):
     def chat(self, conversation: list[dict], image=None, **generation) -> str:
         """The assistant's next turn in a conversation about one image (a PIL image, or None to chat without
         one). conversation: the turns so far, ending with the user's, as chat messages ({"role", "content"})
-        or LLaVA turns; the image goes in the first user turn, as in LLaVA data (Processor.chat_messages).
+        or LLaVA turns; the image goes in the first user turn, as in LLaVA data (Processor.conversation_messages).
         generation: generate()'s options (max_new_tokens, do_sample, temperature, top_p, ...). Runs in mixed
         precision when the language model's weights are half precision, as generate.py does."""
         with autocast(self.device, self.lm.dtype):

@@ -14,7 +14,7 @@ import gradio as gr
 import transformers
 from PIL import Image
 
-from data import IMAGE_MARKER, chat_turns, to_rgb
+from sources import IMAGE_ERRORS, IMAGE_MARKER, conversation_to_llava, to_rgb
 from model import TinyVLM, load_for_inference
 
 MAX_IMAGE_PIXELS = 50_000_000  # a 50-megapixel photo decodes to 150 MB; larger images are refused unread
@@ -27,13 +27,13 @@ def read_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     name = os.path.basename(path)
     try:
         with Image.open(path) as image:
-            if image.width * image.height > max_pixels:
-                raise ValueError(f"{name} is {image.width} x {image.height} pixels, more than this server's "
-                                 f"limit of {max_pixels:,}")
-            image.load()  # decode now, so a truncated file fails here
-            return to_rgb(image)
-    except (OSError, SyntaxError, Image.DecompressionBombError) as error:  # PIL raises these on bad files
+            width, height = image.size
+            if width * height <= max_pixels:
+                image.load()  # decode now, so a truncated file fails here
+                return to_rgb(image)
+    except IMAGE_ERRORS as error:
         raise ValueError(f"cannot read {name} as an image ({error})") from None
+    raise ValueError(f"{name} is {width} x {height} pixels, more than this server's limit of {max_pixels:,}")
 
 
 class ChatServer:
@@ -70,7 +70,7 @@ class ChatServer:
             if IMAGE_MARKER in question:  # the tokenizer would read it as an image token
                 raise ValueError(f"{IMAGE_MARKER} stands for the image in the model's prompt: leave it out")
             image = None if path is None else read_image(path, self.max_image_pixels)
-            chat_turns(turns, with_image=image is not None)  # refuses what the model cannot be asked
+            conversation_to_llava(turns, with_image=image is not None)  # refuses what the model cannot be asked
         except ValueError as error:
             yield conversation, conversation, question, f"⚠️ {error}"
             return

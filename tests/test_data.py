@@ -10,9 +10,9 @@ import torch
 from PIL import Image, ImageDraw
 
 import demo
-from data import (IGNORE_INDEX, ImageFolder, ImageZip, LLaVADataset, Processor, StreamSampler, check_entry, collate,
-                  decode_image, filter_entries, load_llava_json, pack_step, padded_step, split_entries, to_messages,
-                  to_rgb)
+from data import LLaVADataset, Processor, StreamSampler, collate, pack_step, padded_step
+from sources import (IGNORE_INDEX, ImageFolder, ImageZip, check_entry, decode_image, llava_to_messages, load_llava_json, open_data,
+                     split_entries, to_rgb)
 
 CAPTION = "olive oil is a healthy ingredient used liberally ."
 INSTRUCTION = "Provide a brief description of the given image."
@@ -29,7 +29,7 @@ def llava_turns(human: str, caption: str = CAPTION) -> list[dict]:
 
 @pytest.mark.parametrize("human", [f"{INSTRUCTION}\n<image>", f"<image>\n{INSTRUCTION}"])
 def test_labels_cover_exactly_the_caption_and_its_end_of_turn_token(processor, tokenizer, human):
-    input_ids, labels = processor.encode(to_messages(llava_turns(human), processor.image_placeholder))
+    input_ids, labels = processor.encode_llava(llava_turns(human))
     targets = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
     assert targets == list(range(targets[0], targets[-1] + 1))  # one contiguous span
     assert tokenizer.decode([input_ids[i] for i in targets]) == CAPTION + "<|im_end|>"
@@ -45,27 +45,27 @@ def test_labels_cover_exactly_the_caption_and_its_end_of_turn_token(processor, t
 
 def test_system_prompt_none_keeps_the_chat_templates_default(tokenizer):
     processor = Processor(tokenizer, demo.SIGLIP_PREPROCESSING, "<image>", 4, system_prompt=None)
-    input_ids, _ = processor.encode(to_messages(llava_turns("<image>\nHi"), processor.image_placeholder))
+    input_ids, _ = processor.encode_llava(llava_turns("<image>\nHi"))
     assert tokenizer.decode(input_ids).startswith(
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>")
 
 
 def test_image_marker_before_or_after_the_instruction_gives_the_same_tokens(processor):
-    before = processor.encode(to_messages(llava_turns(f"<image>\n{INSTRUCTION}"), processor.image_placeholder))
-    after = processor.encode(to_messages(llava_turns(f"{INSTRUCTION}\n<image>"), processor.image_placeholder))
+    before = processor.encode_llava(llava_turns(f"<image>\n{INSTRUCTION}"))
+    after = processor.encode_llava(llava_turns(f"{INSTRUCTION}\n<image>"))
     assert before == after
 
 
 def test_every_assistant_turn_is_a_target_in_a_multi_turn_conversation(processor, tokenizer):
     turns = [{"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "Red."},
              {"from": "human", "value": "And the shape?"}, {"from": "gpt", "value": "A circle."}]
-    input_ids, labels = processor.encode(to_messages(turns, processor.image_placeholder))
+    input_ids, labels = processor.encode_llava(turns)
     target_text = tokenizer.decode([t for t, label in zip(input_ids, labels) if label != IGNORE_INDEX])
     assert target_text == "Red.<|im_end|>A circle.<|im_end|>"
 
 
 def test_training_prompt_and_inference_prompt_are_token_for_token_the_same(processor):
-    messages = to_messages(llava_turns(f"{INSTRUCTION}\n<image>"), processor.image_placeholder)
+    messages = llava_to_messages(llava_turns(f"{INSTRUCTION}\n<image>"), processor.image_placeholder)
     train_ids, labels = processor.encode(messages)
     prompt_ids = processor.encode_prompt(processor.prompt_messages(INSTRUCTION))
     first_target = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
@@ -222,7 +222,7 @@ def test_skip_counts_survive_the_pin_memory_step_of_a_cuda_data_loader(processor
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor, *args, **kwargs: tensor)
     turns = llava_turns("<image>\nDescribe.")
     sample = {"pixels": torch.zeros(3, 8, 8, dtype=torch.uint8)}
-    sample["input_ids"], sample["labels"] = processor.encode(to_messages(turns, processor.image_placeholder))
+    sample["input_ids"], sample["labels"] = processor.encode_llava(turns)
     samples = [sample, {"skipped": "image missing"}, {"skipped": "image missing"}, {"skipped": "too long"}]
     for step in (padded_step(samples, 2, 0, processor.image_token_id), pack_step(samples, 256, 512, 0)):
         assert pin_memory(step)[0]["skipped"] == {"image missing": 2, "too long": 1}
@@ -259,10 +259,12 @@ def test_an_over_long_sample_is_skipped(tokenizer, shapes_data):
     ({"id": "h", "image": "h.jpg"}, "malformed entry"),
     ("not a dict", "malformed entry"),
 ])
-def test_unusable_entries_are_named_and_counted(entry, reason):
+def test_unusable_entries_are_named_and_counted(entry, reason, tmp_path):
     assert check_entry(entry, require_image=True) == reason
-    kept, skipped, examples = filter_entries([entry], require_image=True)
-    assert kept == [] and skipped == {reason: 1} and reason in examples[0]
+    (tmp_path / "chat.json").write_text(json.dumps([entry]))
+    store, _, skipped, examples = open_data(str(tmp_path / "chat.json"), "", require_image=True)
+    assert len(store) == 0 and skipped == {reason: 1}
+    assert examples == [] if reason == "no image" else reason in examples[0]  # counted after the checks
 
 
 def test_a_text_only_entry_is_fine_when_images_are_not_required():

@@ -4,41 +4,13 @@ import dataclasses
 import json
 import os
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
-import demo
 from data import collate
 from main import build_model, forward_backward, train
 from model import TinyVLM
-from test_distributed import assert_same_updates, initial_weights, torchrun
-
-CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def instruct_data(shapes_data) -> str:
-    demo.make_instruct_dataset(shapes_data)
-    return shapes_data
-
-
-@pytest.fixture
-def stage1_model(tiny_config, tmp_path) -> str:
-    """A stage-1 model folder to start stage 2 from."""
-    model = build_model(tiny_config, CPU, torch.float32)
-    with torch.no_grad():
-        for p in model.projector.parameters():
-            p.add_(0.01)
-    model.save_pretrained(str(tmp_path / "stage1"))
-    return str(tmp_path / "stage1")
-
-
-@pytest.fixture
-def finetune_config(tiny_config, instruct_data, stage1_model):
-    return dataclasses.replace(tiny_config, stage="finetune", init_from=stage1_model,
-                               data_path=f"{instruct_data}/instruct.json",
-                               val_data_path=f"{instruct_data}/instruct_val.json", lr=1e-3, lm_lr=1e-3)
+from helpers import CPU, assert_same_updates, initial_weights, samples, shape_images, torchrun
 
 
 def run(cfg):
@@ -73,7 +45,8 @@ def test_stage2_starts_from_stage1_and_trains_projector_and_language_model_not_v
 def test_text_only_samples_train_in_the_same_batches_as_image_samples(finetune_config):
     model = build_model(finetune_config, CPU, torch.float32)
     entries = json.load(open(finetune_config.data_path))
-    from data import LLaVADataset, open_image_source
+    from data import LLaVADataset
+    from sources import open_image_source
     dataset = LLaVADataset([e for e in entries if "image" not in e][:1] + [e for e in entries if "image" in e][:2],
                            open_image_source(finetune_config.image_root), model.processor)
     batch = collate([dataset[i] for i in range(3)], model.processor.tokenizer.pad_token_id)
@@ -90,7 +63,6 @@ def test_stage2_save_load_and_generate_round_trip(finetune_config, instruct_data
     loaded = TinyVLM.from_pretrained(folder, attn_implementation="eager")
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
-    from test_generate import shape_images
     images = shape_images(instruct_data, 2)
     assert model.eval().generate(images, "What colour is it?", max_new_tokens=5) == \
         loaded.eval().generate(images, "What colour is it?", max_new_tokens=5)
@@ -114,7 +86,6 @@ def test_gradient_checkpointing_gives_the_same_gradients(finetune_config):
         model = build_model(cfg, CPU, torch.float32).train()
         switch = "is_activation_checkpointing"  # transformers >= 5.2x; "is_gradient_checkpointing" before
         assert getattr(model.lm, switch if hasattr(model.lm, switch) else "is_gradient_checkpointing") == checkpointing
-        from test_train import samples
         batch = collate(samples(model, 4), model.processor.tokenizer.pad_token_id)
         forward_backward(model, [batch], CPU, torch.float32, torch.amp.GradScaler("cpu", enabled=False))
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))

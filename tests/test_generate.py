@@ -1,52 +1,16 @@
 """Inference: TinyVLM.generate and generate.py."""
 
-import io
 import json
 import os
-import zipfile
 
 import torch
-from PIL import Image
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 import generate
-from data import load_llava_json
+from sources import load_llava_json
 from main import VLMConfig, build_model
 from model import TinyVLM
-
-CPU = torch.device("cpu")
-
-
-def shape_images(shapes_data: str, count: int) -> list:
-    with zipfile.ZipFile(os.path.join(shapes_data, "images.zip")) as archive:
-        names = sorted(archive.namelist())[:count]
-        return [Image.open(io.BytesIO(archive.read(n))).convert("RGB") for n in names]
-
-
-def scripted_language_model(tokenizer, script: list[int], folder: str) -> None:
-    """A tiny Llama whose greedy continuation of any prompt is exactly `script`: every layer's output is
-    zeroed, so the next token depends only on the current one, and the embeddings and head chain
-    (any token) -> script[0] -> script[1] -> ..."""
-    hidden = 32
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=64,
-                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                      tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
-                                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id))
-    with torch.no_grad():
-        for layer in lm.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        embedding, head = lm.model.embed_tokens.weight, lm.lm_head.weight
-        embedding.zero_()
-        embedding[:, 0] = 1.0  # every token: direction 0
-        head.zero_()
-        head[script[0], 0] = 10.0  # direction 0 -> the first scripted token
-        for i, (current, following) in enumerate(zip(script, script[1:]), start=1):
-            embedding[current] = 0.0
-            embedding[current, i] = 1.0
-            head[following, i] = 10.0
-    lm.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+from helpers import CPU, scripted_language_model, shape_images
 
 
 def test_generation_is_greedy_deterministic_and_stops_at_the_end_of_turn_token(tiny_models, tmp_path, shapes_data):

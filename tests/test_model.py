@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-from data import IGNORE_INDEX, collate, to_messages
+from data import collate
+from sources import IGNORE_INDEX, llava_to_messages
 from main import VLMConfig
 from model import Projector, TinyVLM, autocast, pixel_shuffle
 
@@ -63,7 +64,7 @@ def image_batch(model, num_samples_with_images: int, num_text_only: int = 0):
     for i in range(num_samples_with_images + num_text_only):
         has_image = i < num_samples_with_images
         human = ("<image>\n" if has_image else "") + "Describe" + " this" * (3 * i)
-        messages = to_messages([{"from": "human", "value": human}, {"from": "gpt", "value": "a red circle."}],
+        messages = llava_to_messages([{"from": "human", "value": human}, {"from": "gpt", "value": "a red circle."}],
                                model.processor.image_placeholder)
         input_ids, labels = model.processor.encode(messages)
         pixels = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8) if has_image else None

@@ -9,16 +9,12 @@ from collections import Counter
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers.integrations.sdpa_attention import sdpa_attention_forward as sdpa
 
-from data import LLaVADataset, collate, model_positions, open_image_source, pack_rows, pack_step, packed_batch
-from main import build_model, forward_backward, train
-from test_distributed import assert_same_updates, initial_weights, torchrun
-from test_finetune import finetune_config, instruct_data, stage1_model  # noqa: F401 (fixtures)
-from test_train import straight_and_resumed
-
-CPU = torch.device("cpu")
+from data import LLaVADataset, collate, model_positions, pack_rows, pack_step, packed_batch
+from sources import open_image_source
+from main import build_model, forward_backward
+from helpers import CPU, assert_same_updates, checkpoint_weights, initial_weights, run, straight_and_resumed, torchrun
 
 
 def conversations(cfg, model, count: int) -> list[dict]:
@@ -164,16 +160,6 @@ def test_a_budget_smaller_than_max_length_is_refused():
         pack_step([], row_length=128, max_tokens_per_batch=100, pad_token_id=0)
 
 
-def run(cfg) -> str:
-    return train(cfg, build_model(cfg, CPU, torch.float32), CPU, torch.float32)
-
-
-def checkpoint(run_dir: str) -> dict:
-    folder = os.path.join(run_dir, "checkpoint")
-    return {**load_file(os.path.join(folder, "projector.safetensors")),
-            **load_file(os.path.join(folder, "language_model", "model.safetensors"))}
-
-
 @pytest.fixture
 def packed_config(finetune_config, tmp_path):
     """Stage 2, packed: 8 conversations per step in rows of 128 tokens, one row per micro-batch, so a step
@@ -189,7 +175,7 @@ def test_packed_training_updates_the_weights_like_padded_training(packed_config)
     packed = run(dataclasses.replace(packed_config, run_name="packed"))
     padded = run(dataclasses.replace(packed_config, run_name="padded", packing=False))
     initial = {**initial_weights(packed_config, "projector"), **initial_weights(packed_config, "lm")}
-    assert_same_updates(initial, checkpoint(packed), checkpoint(padded))
+    assert_same_updates(initial, checkpoint_weights(packed), checkpoint_weights(padded))
     logged = {run_dir: [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
               for run_dir in (packed, padded)}
     for key in ("train/loss", "val/loss"):
@@ -200,7 +186,7 @@ def test_packed_training_updates_the_weights_like_padded_training(packed_config)
 def test_packed_resume_with_data_loader_workers_is_exact(packed_config):
     cfg = dataclasses.replace(packed_config, num_workers=2, lr_decay_steps=2)
     straight, resumed = straight_and_resumed(cfg, first_steps=1)
-    a, b = checkpoint(straight), checkpoint(resumed)
+    a, b = checkpoint_weights(straight), checkpoint_weights(resumed)
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
@@ -210,4 +196,4 @@ def test_two_processes_packing_their_own_shares_train_like_one(packed_config):
     one = run(dataclasses.replace(packed_config, run_name="one", batch_size=4))
     two = torchrun(dataclasses.replace(packed_config, run_name="two", batch_size=2), processes=2)
     initial = {**initial_weights(packed_config, "projector"), **initial_weights(packed_config, "lm")}
-    assert_same_updates(initial, checkpoint(one), checkpoint(two))
+    assert_same_updates(initial, checkpoint_weights(one), checkpoint_weights(two))

@@ -16,8 +16,7 @@ from transformers import AutoTokenizer
 
 import serve
 from main import VLMConfig, build_model
-from test_chat import scramble
-from test_generate import CPU, scripted_language_model, shape_images
+from helpers import CPU, scramble, scripted_language_model, shape_images
 
 GREEDY = dict(max_new_tokens=16, do_sample=False, temperature=1.0, top_p=1.0)
 

@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+import sources
 import demo
-from data import (IGNORE_INDEX, ImageFolder, ImageZip, LLaVADataset, Processor, StreamSampler, check_data_paths,
-                  collate, decode_image, filter_entries, load_llava_json, open_data, split_entries)
+from data import LLaVADataset, Processor, StreamSampler, collate
+from sources import (IGNORE_INDEX, ImageFolder, ImageZip, check_data_paths, decode_image, load_llava_json, open_data,
+                     split_entries)
 
 datasets.disable_progress_bars()
 COLOURS = {"red.jpg": (220, 20, 20), "green.jpg": (20, 220, 20), "blue.jpg": (20, 20, 220)}
@@ -69,7 +70,7 @@ def test_the_store_gives_the_same_samples_as_a_list_of_entries_for_the_same_seed
     entries[5]["conversations"][1]["value"] = ""
     (tmp_path / "chat.json").write_text(json.dumps(entries))
     source = ImageZip(f"{shapes_data}/images.zip")
-    kept, _, _ = filter_entries(load_llava_json(str(tmp_path / "chat.json")), require_image=True)
+    kept = [e for e in load_llava_json(str(tmp_path / "chat.json")) if sources.check_entry(e, require_image=True) is None]
     list_train, _ = split_entries(kept, 4, seed=5)
     store, images, skipped, _ = open_data(str(tmp_path / "chat.json"), f"{shapes_data}/images.zip", True)
     store_train, _ = split_entries(store, 4, seed=5)
@@ -88,8 +89,8 @@ def test_the_store_is_built_once_and_rebuilt_when_the_source_changes(tmp_path, i
     path.write_text(json.dumps([{"id": "r", "image": "red.jpg", "conversations": turns("<image>")}]))
     assert len(open_data(str(path), image_folder, True)[0]) == 1
     builds = []
-    original = data.build_entry_store
-    monkeypatch.setattr(data, "build_entry_store", lambda rows, files: builds.append(1) or original(rows, files))
+    original = sources.build_entry_store
+    monkeypatch.setattr(sources, "build_entry_store", lambda rows, files: builds.append(1) or original(rows, files))
     assert len(open_data(str(path), image_folder, True)[0]) == 1 and builds == []  # the cache was reused
     entries = [{"id": name, "image": name, "conversations": turns("<image>")} for name in COLOURS]
     path.write_text(json.dumps(entries))
@@ -101,9 +102,9 @@ def test_the_store_is_built_once_and_rebuilt_when_the_source_changes(tmp_path, i
 def test_the_cache_goes_to_a_writable_folder_when_the_data_folder_is_read_only(tmp_path, monkeypatch):
     monkeypatch.setenv("TINYVLM_CACHE", str(tmp_path / "cache"))
     read_only = str(tmp_path / "ro")
-    monkeypatch.setattr(data.os, "access", lambda path, mode: not str(path).startswith(read_only))
-    assert data.cache_folder(f"{read_only}/chat.json").startswith(str(tmp_path / "cache"))
-    assert data.cache_folder(str(tmp_path / "rw" / "chat.json")) == str(tmp_path / "rw" / ".tinyvlm_cache")
+    monkeypatch.setattr(sources.os, "access", lambda path, mode: not str(path).startswith(read_only))
+    assert sources.cache_folder(f"{read_only}/chat.json").startswith(str(tmp_path / "cache"))
+    assert sources.cache_folder(str(tmp_path / "rw" / "chat.json")) == str(tmp_path / "rw" / ".tinyvlm_cache")
 
 
 def test_a_worker_opens_the_store_itself(tmp_path, image_folder, processor):
@@ -137,7 +138,7 @@ def test_the_zip_index_reads_stored_and_deflated_members_exactly(tmp_path):
 
 def test_the_zip_index_is_cached_and_no_process_reads_the_central_directory_again(image_zip, monkeypatch):
     ImageZip(image_zip).read("red.jpg")  # builds the index
-    monkeypatch.setattr(data.zipfile, "ZipFile", None)  # any ZipFile from here on would fail
+    monkeypatch.setattr(sources.zipfile, "ZipFile", None)  # any ZipFile from here on would fail
     assert decode_image(ImageZip(image_zip).read("green.jpg")).getpixel((12, 12))[1] > 200
 
 
@@ -266,14 +267,14 @@ def every_schema(tmp_path, image_folder) -> list[str]:
 def test_tokenized_samples_are_those_the_chat_template_gives_on_every_schema(tmp_path, image_folder, processor):
     for path in every_schema(tmp_path, image_folder):
         store, images, skipped, _ = open_data(path, image_folder, require_image=False)
-        tokenized = data.tokenize(store, processor)
+        tokenized = sources.tokenize(store, processor)
         assert not skipped and len(tokenized) == len(store) > 0
         for i in range(len(store)):
             input_ids, labels, names = tokenized.encoded(i)
-            expected = reference_encode(processor, data.to_messages(store[i]["conversations"],
+            expected = reference_encode(processor, sources.llava_to_messages(store[i]["conversations"],
                                                                     processor.image_placeholder))
             assert (input_ids.tolist(), labels.tolist()) == expected, (path, i)
-            assert names == data.image_names(store[i])
+            assert names == sources.image_names(store[i])
             from_store, from_tokens = LLaVADataset(store, images, processor)[i], LLaVADataset(tokenized, images,
                                                                                               processor)[i]
             assert list(from_store["input_ids"]) == list(from_tokens["input_ids"])
@@ -287,18 +288,18 @@ def test_tokens_are_built_once_in_parallel_and_again_for_another_tokenizer_setti
                for i in range(40)]
     (tmp_path / "chat.json").write_text(json.dumps(entries))
     store = open_data(str(tmp_path / "chat.json"), image_folder, True)[0]
-    serial = [store_tokens(data.tokenize(store, processor, chunk=1000), i) for i in range(40)]
+    serial = [store_tokens(sources.tokenize(store, processor, chunk=1000), i) for i in range(40)]
     for path in glob.glob(str(tmp_path / ".tinyvlm_cache" / "*tokens*")):
         os.remove(path)
-    parallel = data.tokenize(store, processor, chunk=3)  # 14 chunks over as many processes as there are cores
+    parallel = sources.tokenize(store, processor, chunk=3)  # 14 chunks over as many processes as there are cores
     assert [store_tokens(parallel, i) for i in range(40)] == serial
-    monkeypatch.setattr(data, "encode_rows", lambda *args: pytest.fail("tokenized again"))
-    assert [store_tokens(data.tokenize(store, processor), i) for i in range(40)] == serial  # read back
+    monkeypatch.setattr(sources, "encode_rows", lambda *args: pytest.fail("tokenized again"))
+    assert [store_tokens(sources.tokenize(store, processor), i) for i in range(40)] == serial  # read back
     monkeypatch.undo()
     other = Processor(tokenizer, dict(demo.SIGLIP_PREPROCESSING, size={"height": 16, "width": 16}), "<image>", 4,
                       system_prompt="You describe images.")
-    assert store_tokens(data.tokenize(store, other), 0) != serial[0]  # another system prompt: other tokens
-    assert store_tokens(data.tokenize(store, processor), 0) == serial[0]  # each setting keeps its own
+    assert store_tokens(sources.tokenize(store, other), 0) != serial[0]  # another system prompt: other tokens
+    assert store_tokens(sources.tokenize(store, processor), 0) == serial[0]  # each setting keeps its own
 
 
 def store_tokens(store, index: int) -> tuple:
@@ -313,7 +314,7 @@ def test_several_images_each_get_their_own_run_of_tokens_at_their_marker(process
     entry = {"id": "m", "image": ["red.jpg", "blue.jpg"],
              "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."},
                                {"from": "human", "value": "And this one?\n<image>"}, {"from": "gpt", "value": "Blue."}]}
-    assert data.check_entry(entry, require_image=True) is None
+    assert sources.check_entry(entry, require_image=True) is None
     dataset = LLaVADataset([entry, {"id": "g", "image": "green.jpg", "conversations": turns("<image>")}],
                            ImageFolder(image_folder), processor)
     sample = dataset[0]

@@ -8,12 +8,9 @@ import pytest
 import torch
 
 import main
-from main import build_model, train
 from model import TinyVLM
 from syncs import SyncRecorder, no_syncs
-from test_finetune import finetune_config, instruct_data, stage1_model  # noqa: F401 (fixtures)
-
-CPU = torch.device("cpu")
+from helpers import CPU, run
 
 
 def test_the_recorder_sees_each_kind_of_sync_and_nothing_else():
@@ -50,10 +47,6 @@ def counting_quiet_steps(monkeypatch) -> list:
 
     monkeypatch.setattr(main, "no_syncs", counted)
     return quiet
-
-
-def run(cfg) -> str:
-    return train(cfg, build_model(cfg, CPU, torch.float32), CPU, torch.float32)
 
 
 def test_stage1_padded_steps_with_accumulation_read_nothing_back(tiny_config, monkeypatch):

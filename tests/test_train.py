@@ -12,48 +12,11 @@ import zipfile
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from data import collate, padded_step, to_messages
-from main import (VLMConfig, build_model, checkpoint_folder, data_workers, forward_backward, load_training_state,
+from data import collate, padded_step
+from main import (VLMConfig, build_model, checkpoint_folder, command_line, data_workers, forward_backward, load_training_state,
                   lr_factor, main, parse_args, resolve_config, save_atomically, train, with_micro_batches)
-
-CPU = torch.device("cpu")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(cfg: VLMConfig) -> str:
-    model = build_model(cfg, CPU, torch.float32)
-    return train(cfg, model, CPU, torch.float32)
-
-
-def projector_weights(run_dir: str, folder: str = "checkpoint") -> dict:
-    return load_file(os.path.join(run_dir, folder, "projector.safetensors"))
-
-
-def straight_and_resumed(cfg: VLMConfig, first_steps: int) -> tuple[str, str]:
-    """cfg's run straight through, and the same run stopped after first_steps and resumed to the end."""
-    straight = run(dataclasses.replace(cfg, run_name="straight"))
-    run(dataclasses.replace(cfg, run_name="halves", max_steps=first_steps))
-    return straight, run(dataclasses.replace(cfg, run_name="halves", resume=os.path.join(cfg.out_dir, "halves")))
-
-
-def metrics(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def samples(model, count: int) -> list[dict]:
-    """Conversations of different lengths, each with a random image."""
-    torch.manual_seed(0)
-    result = []
-    for i in range(count):
-        turns = [{"from": "human", "value": "<image>\nDescribe" + " it" * i},
-                 {"from": "gpt", "value": "a red circle" + " and a square" * (i % 3) + "."}]
-        input_ids, labels = model.processor.encode(to_messages(turns, model.processor.image_placeholder))
-        result.append({"input_ids": input_ids, "labels": labels,
-                       "pixels": torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)})
-    return result
+from helpers import CPU, ROOT, checkpoint_weights, metrics, run, samples, straight_and_resumed
 
 
 def accumulated_gradient(model, micro_batches: list) -> torch.Tensor:
@@ -116,7 +79,7 @@ def test_resume_continues_exactly_where_the_run_stopped(tiny_config):
     resumed = run(dataclasses.replace(tiny_config, run_name="halves", max_steps=6, lr_decay_steps=6,
                                       resume=first_half))
     assert resumed == first_half
-    a, b = projector_weights(straight), projector_weights(resumed)
+    a, b = checkpoint_weights(straight), checkpoint_weights(resumed)
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert [m["train/loss"] for m in metrics(straight) if "train/loss" in m] == \
@@ -162,7 +125,7 @@ def test_resume_forgets_what_was_logged_after_the_checkpoint(tiny_config):
 def test_resume_with_data_loader_workers_is_exact(tiny_config):
     cfg = dataclasses.replace(tiny_config, num_workers=2, max_steps=4, lr_decay_steps=4)
     straight, resumed = straight_and_resumed(cfg, first_steps=2)
-    a, b = projector_weights(straight), projector_weights(resumed)
+    a, b = checkpoint_weights(straight), checkpoint_weights(resumed)
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
@@ -293,7 +256,7 @@ def test_bad_data_is_skipped_counted_and_logged(tiny_config, shapes_data, tmp_pa
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_config):
     cfg = dataclasses.replace(tiny_config, max_steps=100000, save_every=100000, eval_every=100000)
-    args = [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items() if v != ""]
+    args = command_line(cfg)
     process = subprocess.Popen([sys.executable, "main.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     metrics_path = os.path.join(cfg.out_dir, cfg.run_name, "metrics.jsonl")
@@ -308,6 +271,6 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_config):
 
 
 def test_main_runs_a_whole_tiny_training(tiny_config):
-    args = [f"--{k}={v}" for k, v in dataclasses.asdict(tiny_config).items() if v != ""]
+    args = command_line(tiny_config)
     main(args + ["--max_steps=2"])
     assert os.path.isfile(os.path.join(tiny_config.out_dir, "tiny", "checkpoint", "projector.safetensors"))
