@@ -18,34 +18,32 @@ import os
 import platform
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import asdict, replace
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers import AutoTokenizer
 
 from data import LLaVADataset, Processor, collate, pack_step, padded_step, start_worker
-from sources import IGNORE_INDEX, decode_image, llava_to_messages, open_data, open_image_source, tokenize
-from main import (FINETUNE_CONFIG, VLMConfig, build_model, data_workers, forward_backward, load_training_state,
-                  to_device, train, with_micro_batches)
-from model import SIGLIP_PREPROCESSING, ModelConfig, TinyVLM, autocast, pick_compile, pick_device, pick_dtype
+from main import (FINETUNE_CONFIG, VLMConfig, build_model, data_workers, forward_backward, to_device, train,
+                  with_micro_batches)
+from model import SIGLIP_PREPROCESSING, TinyVLM, autocast, pick_compile, pick_device, pick_dtype
+from sources import IGNORE_INDEX, decode_image, llava_to_messages, open_data, tokenize
 from syncs import SyncRecorder
-from synthetic import (CC3M_ENTRIES, TOKENIZER_DIR, cc3m_like_entries, cc3m_like_jpeg, cc3m_like_samples,
-                       cc3m_like_zip, encoded_samples, instruct_like_samples, llava_caption_set, make_scale_set,
-                       mix665k_like_entries, model_folders, random_model)
-
+from synthetic import (CC3M_ENTRIES, TOKENIZER_DIR, cc3m_like_entries, cc3m_like_jpeg, cc3m_like_samples, cc3m_like_zip,
+                       encoded_samples, instruct_like_samples, llava_caption_set, make_scale_set, mix665k_like_entries,
+                       model_folders, random_model)
 
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets (no sparsity), in TFLOP/s, matched on the device name.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
@@ -703,9 +701,11 @@ def bench_generate(args, tokenizer, device, dtype) -> list[dict]:
     prompt = "Describe the image concisely."
     rows = []
     for batch_size in (1, 16):
-        runs = {"generate() with KV cache": lambda: model.generate(
-                    images[:batch_size], prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens),
-                "no cache": lambda: generate_without_cache(model, images[:batch_size], prompt, args.new_tokens)}
+        batch_images = images[:batch_size]
+        runs = {"generate() with KV cache": lambda batch_images=batch_images: model.generate(
+                    batch_images, prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens),
+                "no cache": lambda batch_images=batch_images: generate_without_cache(model, batch_images, prompt,
+                                                                                      args.new_tokens)}
         for name, run in runs.items():
             with autocast(device, dtype):
                 run()  # warm-up
@@ -741,7 +741,7 @@ def default_path(args, tokenizer, device) -> dict:
                       max_length=128)
     per_step = cfg.batch_size * cfg.grad_accum_steps
     data = llava_caption_set(folder, per_step * steps, args.path_val, distinct_images=512)
-    cfg = replace(cfg, **models, **data, num_workers=args.path_workers, max_steps=steps, warmup_steps=2,
+    cfg = replace(cfg, **models, **data, num_workers=-1, max_steps=steps, warmup_steps=2,
                   eval_every=steps // 2, save_every=steps, sample_every=0, log_every=log_every,
                   compile="auto" if device.type == "cuda" else args.compile_backend, check_syncs=True,
                   device=device.type, dtype="auto", out_dir=f"{folder}/runs", run_name="path", wandb_mode="disabled")
@@ -749,7 +749,7 @@ def default_path(args, tokenizer, device) -> dict:
     torch._dynamo.utils.counters.clear()
     start = time.perf_counter()
     result = {"steps": steps, "micro_batches": f"{cfg.batch_size} x {cfg.grad_accum_steps}",
-              "workers": cfg.num_workers, "compile": pick_compile(cfg.compile, device) or "off"}
+              "workers": data_workers(cfg.num_workers), "compile": pick_compile(cfg.compile, device) or "off"}
     try:
         run_dir = train_run(cfg)
     except Exception as error:  # a sync under check_syncs, say: reported with where it happened
@@ -779,150 +779,6 @@ def train_run(cfg: VLMConfig) -> str:
     return run_quietly(lambda: train(cfg, build_model(cfg, device, dtype), device, dtype))
 
 
-def main_py(cfg: VLMConfig) -> list[str]:
-    """The command line that runs main.py with this config."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "main.py")
-    return [sys.executable, script, *(f"--{k}={v}" for k, v in asdict(cfg).items() if v != "")]
-
-
-def logged_losses(run_dir: str) -> list[float]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [row["train/loss"] for row in map(json.loads, f) if "train/loss" in row]
-
-
-def projector_of(run_dir: str) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(run_dir, "checkpoint", "projector.safetensors"))
-
-
-def interrupt_and_resume(cfg: VLMConfig) -> tuple[str, int]:
-    """main.py in a subprocess, SIGTERM once it has logged its second step, then `main.py --resume` to the end.
-    Returns the run folder and the step the stop saved at; raises if either process fails."""
-    run_dir = os.path.join(cfg.out_dir, cfg.run_name)
-    process = subprocess.Popen(main_py(cfg), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    deadline = time.time() + 300
-    while process.poll() is None and time.time() < deadline:
-        if os.path.exists(metrics) and len(open(metrics).readlines()) >= 2:
-            break
-        time.sleep(0.01)
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=300)
-    if process.returncode != 0 or "stop requested" not in output:
-        raise RuntimeError(f"SIGTERM: exit {process.returncode}, no clean stop: {output[-1500:]}")
-    stopped_at = load_training_state(run_dir)["step"]
-    resumed = subprocess.run(main_py(replace(cfg, resume=run_dir)), capture_output=True, text=True, timeout=300)
-    if resumed.returncode != 0:
-        raise RuntimeError(f"--resume: exit {resumed.returncode}: {(resumed.stdout + resumed.stderr)[-1500:]}")
-    return run_dir, stopped_at
-
-
-def compare_weights(a: dict, b: dict, start: dict) -> tuple[bool, float]:
-    """(bit-exact?, the largest difference between a and b relative to how far a moved from start)."""
-    exact = all(torch.equal(a[k], b[k]) for k in a)
-    return exact, max(float((a[k] - b[k]).norm() / (a[k] - start[k]).norm().clamp(min=1e-12)) for k in a)
-
-
-def one_step_gradients(cfg: VLMConfig, batch: dict, device, dtype, compile_backend: str | None = None):
-    """(loss, projector gradient, model) of one training step on batch; compiled with compile_backend if given."""
-    model = build_model(cfg, device, dtype)
-    if compile_backend:
-        model.compile_regions(backend=compile_backend)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    loss_sum = forward_backward(model, [batch], device, dtype, scaler)
-    return loss_sum.item() / batch["num_targets"], torch.cat([p.grad.flatten().float() for p in model.projector.parameters()]), model
-
-
-def correctness_checks(args, tokenizer, device) -> list[dict]:
-    """main.py's loop on this device with tiny models: each check runs the real code path and says ok or not.
-    The run dtype is main.py's auto: bf16 on a GPU (and on a CPU with bf16 matrix instructions), else fp32."""
-    rows = []
-    run_dtype = pick_dtype("auto", device)
-
-    def check(name: str, function) -> None:
-        start = time.perf_counter()
-        try:
-            ok, detail = function()
-        except Exception as error:  # a failed check is reported and the suite goes on with the next
-            ok, detail = False, f"{type(error).__name__}: {error}"[:2000]
-        rows.append({"check": name, "ok": ok, "detail": detail, "seconds": time.perf_counter() - start})
-        print(f"  {'ok  ' if ok else 'FAIL'} {name}: {detail}", flush=True)
-
-    folder = tempfile.mkdtemp(prefix="tinyvlm-suite-")
-    base = VLMConfig(**tiny_model_folders(folder, tokenizer), **llava_caption_set(folder, 96, 16),
-                     vision_feature_layer=-1, projector_hidden_dim=64, max_length=128, num_workers=2, batch_size=8,
-                     grad_accum_steps=2, max_steps=args.check_steps, lr_decay_steps=args.check_steps, lr=3e-3,
-                     warmup_steps=2, device=device.type, dtype=str(run_dtype).removeprefix("torch."), compile="false",
-                     eval_every=args.check_steps // 2, save_every=args.check_steps // 2, sample_every=0, log_every=1,
-                     out_dir=f"{folder}/runs", wandb_mode="disabled")
-    reference = build_model(base, torch.device("cpu"), torch.float32)  # the initial projector of every run
-    initial, processor = reference.projector.state_dict(), reference.processor
-    with open(base.val_data_path) as f:
-        names = [entry["image"] for entry in json.load(f)[:4]]
-    straight = {}
-
-    def train_autocast():
-        straight["run"] = train_run(replace(base, run_name="straight"))
-        losses = logged_losses(straight["run"])
-        moved = not compare_weights(projector_of(straight["run"]), initial, initial)[0]
-        ok = len(losses) == base.max_steps and all(math.isfinite(x) for x in losses) and moved
-        fused = "fused AdamW, pinned memory" if device.type == "cuda" else "AdamW (fused on CUDA only)"
-        return ok, f"{len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}; {base.dtype}, {fused}, 2 workers"
-
-    def sigterm_resume():
-        run_dir, stopped_at = interrupt_and_resume(replace(base, run_name="interrupted"))
-        exact, difference = compare_weights(projector_of(run_dir), projector_of(straight["run"]), initial)
-        ok = 0 < stopped_at < base.max_steps and (exact or difference < 1e-3)
-        return ok, (f"SIGTERM saved at step {stopped_at} and exited 0; --resume finished step {base.max_steps}; "
-                    f"projector vs an uninterrupted run: " + ("bit-exact" if exact else
-                    f"differs by {difference:.1e} of its update (tolerance 1e-3)"))
-
-    def fp16_scaler():
-        run_dir = train_run(replace(base, run_name="fp16", dtype="float16", max_steps=4, lr_decay_steps=4,
-                                    eval_every=4, save_every=4))
-        losses, scale = logged_losses(run_dir), load_training_state(run_dir)["scaler"].get("scale")
-        ok = len(losses) == 4 and all(math.isfinite(x) for x in losses) and scale is not None and scale > 0
-        return ok, f"4 steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, GradScaler scale {scale}"
-
-    def generation():
-        model = TinyVLM.from_pretrained(os.path.join(straight["run"], "checkpoint"), torch.float32).to(device).eval()
-        images = [decode_image(open_image_source(base.image_root).read(name)) for name in names]
-        prompts = ["Describe the image concisely.", "What is this?", "Caption it.", "Describe the scene in detail."]
-        batched = model.generate(images, prompts, max_new_tokens=8, min_new_tokens=8)
-        alone = [model.generate([i], [p], max_new_tokens=8, min_new_tokens=8)[0] for i, p in zip(images, prompts)]
-        return batched == alone, f"4 answers of 8 tokens, batched (left-padded) == one by one: {batched == alone}"
-
-    def compile_agrees():
-        """Compiled bf16 gradients against eager bf16's own error: both are compared with exact (fp32) ones."""
-        with open(base.data_path) as f:
-            data = LLaVADataset(json.load(f)[:8], open_image_source(base.image_root), processor, base.max_length)
-        batch = collate([data[i] for i in range(8)], tokenizer.pad_token_id)
-        _, exact = one_step_gradients(base, batch, device, torch.float32)[:2]
-        eager_loss, eager = one_step_gradients(base, batch, device, run_dtype)[:2]
-        torch._dynamo.reset()
-        start = time.perf_counter()
-        loss, compiled, model = one_step_gradients(base, batch, device, run_dtype, args.compile_backend)
-        seconds = time.perf_counter() - start
-        rounding, error = float((eager - exact).norm()), float((compiled - exact).norm())
-        bar = max(1.5 * rounding, 1e-4 * float(exact.norm()))  # in fp32 the rounding is 0: float noise then
-        answer = model.eval().generate([decode_image(open_image_source(base.image_root).read(names[0]))],
-                                       "Describe.", max_new_tokens=4, min_new_tokens=4)
-        ok = abs(loss - eager_loss) <= 2e-2 * abs(eager_loss) and error <= bar and len(answer) == 1
-        return ok, (f"{args.compile_backend}, {base.dtype}: loss {loss:.4f} vs eager {eager_loss:.4f}; projector "
-                    f"gradient {error / exact.norm():.1e} from the fp32 one (eager: {rounding / exact.norm():.1e}; "
-                    f"the bar 1.5x that); {seconds:.0f} s with compiling; generate() works on it")
-
-    print(f"\ncorrectness on {device.type}: main.py's loop with tiny models", flush=True)
-    check("train: autocast, fused AdamW, workers, pinned memory", train_autocast)
-    check("SIGTERM, --resume, same as uninterrupted", sigterm_resume)
-    check("fp16 + GradScaler", fp16_scaler)
-    check("generate()", generation)
-    check("compile on and off agree", compile_agrees)
-    shutil.rmtree(folder, ignore_errors=True)
-    return rows
-
-
 def bench_train_speed(args, tokenizer, device, dtype) -> list[dict]:
     """The training step main.py runs (forward_backward, gradient clipping, AdamW) at real sizes, eager and
     compiled, by micro-batch size: ms/step, samples/s, MFU, peak memory. The compiled model is compiled once
@@ -945,7 +801,7 @@ def bench_train_speed(args, tokenizer, device, dtype) -> list[dict]:
                 torch.cuda.reset_peak_memory_stats(device)
             times = []
             try:
-                for step in range(args.warmup + args.steps):
+                for _ in range(args.warmup + args.steps):
                     synchronize(device)
                     start = time.perf_counter()
                     forward_backward(model, [batch], device, dtype, scaler)
@@ -995,34 +851,70 @@ def cc3m_epoch(speed_rows: list[dict], data_rows: list[dict], device_name: str, 
                                 f"{data_best['workers']} workers, at ${dollars_per_hour}/hour")}
 
 
+GPU_TESTS = ["-m", "gpu", "tests/test_train.py", "tests/test_generate.py", "tests/test_compile.py",
+             "tests/test_syncs.py", "tests/test_model.py"]
+
+
+def gpu_tests(test_args: list[str]) -> dict:
+    """The tests marked gpu (pytest, in a process of its own), which run on the GPU when there is one: the
+    training loop with workers, pinned memory and the run dtype, SIGTERM and exact resume, fp16 with a
+    GradScaler, batched generation, compile against eager and its graphs, no sync in a quiet step (CUDA's sync
+    debug mode), the padding mask left out. Their pass/fail is the suite's."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider",
+                             "-rfE", *test_args], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                            text=True)
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    return {"ok": result.returncode == 0, "summary": summary, "seconds": time.perf_counter() - start,
+            "output_tail": (result.stdout + result.stderr)[-6000:], "args": test_args}
+
+
 def run_gpu_suite(args, tokenizer, device, dtype, report: dict) -> bool:
-    """The suite's parts in order, each printed as a table; returns whether every correctness check passed."""
-    report["default_path"] = default_path(args, tokenizer, device)
-    path = report["default_path"]
-    print(f"\nmain.py's default path ({path['micro_batches']} micro-batches, {path['workers']} workers, compile "
-          f"{path['compile']}, check_syncs): " + (f"{path['steady_samples_per_s']:.0f} samples/s steady, data "
-          f"included; graphs {path['graphs']}; dynamo compiling {path['dynamo_compile_s']:.0f} s; first interval "
-          f"{path['first_interval_excess_s']:.0f} s over the steady state" if path["ok"] else f"FAILED: {path['error']}"),
-          flush=True)
-    report["correctness"] = correctness_checks(args, tokenizer, device)
-    print_table("correctness", report["correctness"], ["check", "ok", "seconds"])
-    report["train_speed"] = bench_train_speed(args, tokenizer, device, dtype)
-    print_table(f"training step at {'tiny' if args.tiny else 'real'} sizes ({args.dtype}, {args.attention})",
-                report["train_speed"], ["compiled", "batch_size", "step_ms", "samples_per_s", "mfu",
-                                        "peak_memory_gb", "warmup_s", "note"])
-    report["data"] = bench_data(args, tokenizer, args.suite_workers, args.data_repeats, images_per_worker=512)
-    print_table("data pipeline (images.zip -> uint8 batches of 32)", report["data"], ["workers", "images_per_s"])
-    report["generate"] = bench_generate(args, tokenizer, device, dtype)
-    print_table(f"generation ({args.new_tokens} new tokens per image)", report["generate"],
-                ["batch_size", "decoding", "images_per_s", "new_tokens_per_s"])
-    peak = report["train_speed"][0]["peak_tflops"]
-    report["cc3m_epoch"] = cc3m_epoch(report["train_speed"], report["data"], report["device"], peak,
-                                      args.a40_dollars_per_hour)
-    epoch = report["cc3m_epoch"]
-    print(f"\none CC3M-595K epoch on {epoch['device']}: {epoch['minutes']:.1f} min at {epoch['samples_per_s']:.0f} "
-          f"samples/s (limited by the {epoch['limited_by']})\nA40, derived: {epoch['a40_minutes_derived']:.1f} min, "
-          f"${epoch['a40_dollars_derived']:.2f} ({epoch['a40_assumptions']})")
-    return path["ok"] and all(row["ok"] for row in report["correctness"])
+    """The suite's parts, in order of what a first GPU run most needs to learn, each printed as it comes;
+    once --suite_minutes have passed the parts left are skipped (and say so), so the call ends in time.
+    Returns whether the tests and main.py's default path passed."""
+    start = time.perf_counter()
+
+    def part(name: str, function, *part_args):
+        if time.perf_counter() - start > 60 * args.suite_minutes:
+            report[name] = {"skipped": f"over --suite_minutes {args.suite_minutes}"}
+            print(f"\n{name}: skipped, over --suite_minutes {args.suite_minutes}", flush=True)
+            return None
+        report[name] = function(*part_args)
+        return report[name]
+
+    tests = part("tests", gpu_tests, args.tests.split() if args.tests else GPU_TESTS)
+    print(f"\ntests on {device.type}: {tests['summary']} ({tests['seconds']:.0f} s)" +
+          ("" if tests["ok"] else "\n" + tests["output_tail"][-3000:]), flush=True)
+    path = part("default_path", default_path, args, tokenizer, device)
+    if path:
+        print(f"\nmain.py's default path ({path['micro_batches']} micro-batches, {path['workers']} workers, compile "
+              f"{path['compile']}, check_syncs): " + (f"{path['steady_samples_per_s']:.0f} samples/s steady, data "
+              f"included; graphs {path['graphs']}; dynamo compiling {path['dynamo_compile_s']:.0f} s; first "
+              f"interval {path['first_interval_excess_s']:.0f} s over the steady state" if path["ok"] else
+              f"FAILED: {path['error']}"), flush=True)
+    if part("train_speed", bench_train_speed, args, tokenizer, device, dtype):
+        print_table(f"training step at {'tiny' if args.tiny else 'real'} sizes ({args.dtype}, {args.attention})",
+                    report["train_speed"], ["compiled", "batch_size", "step_ms", "samples_per_s", "mfu",
+                                            "peak_memory_gb", "warmup_s", "note"])
+    if part("data", bench_data, args, tokenizer, args.suite_workers, args.data_repeats, 512):
+        print_table("data pipeline (images.zip -> uint8 batches of 32)", report["data"], ["workers", "images_per_s"])
+    if part("packing", bench_packing, args, tokenizer, device, dtype):
+        print_table("padded, length-grouped and packed micro-batches", report["packing"],
+                    ["stage", "layout", "attention", "real_token_share", "timed_batch", "micro_batches_per_step",
+                     "tokens_per_s", "speedup", "error"])
+    if part("generate", bench_generate, args, tokenizer, device, dtype):
+        print_table(f"generation ({args.new_tokens} new tokens per image)", report["generate"],
+                    ["batch_size", "decoding", "images_per_s", "new_tokens_per_s"])
+    if isinstance(report.get("train_speed"), list) and isinstance(report.get("data"), list):
+        peak = report["train_speed"][0]["peak_tflops"]
+        report["cc3m_epoch"] = epoch = cc3m_epoch(report["train_speed"], report["data"], report["device"], peak,
+                                                  args.a40_dollars_per_hour)
+        print(f"\none CC3M-595K epoch on {epoch['device']}: {epoch['minutes']:.1f} min at {epoch['samples_per_s']:.0f} "
+              f"samples/s (limited by the {epoch['limited_by']})\nA40, derived: {epoch['a40_minutes_derived']:.1f} "
+              f"min, ${epoch['a40_dollars_derived']:.2f} ({epoch['a40_assumptions']})")
+    print(f"\nsuite: {time.perf_counter() - start:.0f} s", flush=True)
+    return bool(tests and tests["ok"]) and bool(path and path["ok"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1168,6 +1060,8 @@ def main() -> int:
                         help="gpu: correctness checks of main.py's loop, training speed eager and compiled by "
                              "micro-batch, data by workers, generation, one CC3M epoch (replaces --parts)")
     parser.add_argument("--tiny", action="store_true", help="tiny models instead of the real sizes")
+    parser.add_argument("--tests", default="", help="the suite's pytest arguments (default: the tests marked gpu)")
+    parser.add_argument("--suite_minutes", type=float, default=7.0, help="the suite skips the parts left after this")
     parser.add_argument("--compile_backend", default="inductor", help="torch.compile's, for the suite's compiled "
                         "runs (the tests use aot_eager: inductor takes minutes to compile on 2 CPU cores)")
     parser.add_argument("--parts", default="train,finetune,data,generate")
@@ -1221,9 +1115,9 @@ def main() -> int:
     args.data_repeats = 1 if tiny else 8  # the suite reads each JPEG 8 times: enough work for 16 workers
     args.suite_batch_sizes = (2, 4) if tiny else (32, 64, 128, 256)
     args.suite_workers = (1, 2) if tiny else tuple(sorted({1, 4, 8, 16, data_workers(-1)}))
-    args.check_steps = 6 if tiny else 40
     args.path_steps, args.path_val = (6, 16) if tiny else (40, 512)
-    args.path_workers = 2 if tiny else max(1, min(8, (os.cpu_count() or 2) - 2))
+    if tiny:
+        args.packing_samples = min(args.packing_samples, 256)
     args.step_shares = [int(n) for n in args.step_shares.split(",")]
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"

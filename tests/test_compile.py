@@ -6,33 +6,37 @@ import json
 
 import pytest
 import torch
+from helpers import CPU, run, samples, shape_images
 
 from data import collate
-from main import build_model, forward_backward, train
+from main import build_model, forward_backward
 from model import pick_compile, pick_dtype
-from helpers import CPU, samples, shape_images
 
 
-def gradients_of_one_step(model, batch, dtype=torch.bfloat16) -> tuple[float, torch.Tensor]:
+def gradients_of_one_step(model, batch, dtype=torch.bfloat16, device=CPU) -> tuple[float, torch.Tensor]:
     model.zero_grad()
-    loss_sum = forward_backward(model, [batch], CPU, dtype, torch.amp.GradScaler("cpu", enabled=False))
-    return loss_sum.item() / batch["num_targets"], torch.cat([p.grad.flatten().float() for p in model.projector.parameters()])
+    loss_sum = forward_backward(model, [batch], device, dtype, torch.amp.GradScaler(device.type, enabled=False))
+    gradient = torch.cat([p.grad.flatten().float() for p in model.projector.parameters()])
+    return loss_sum.item() / batch["num_targets"], gradient
 
 
-def test_compiled_and_eager_losses_and_projector_gradients_agree(tiny_config):
-    """In the run dtype of this CPU (main.py's auto: bf16 with AMX, fp32 on an AVX2-only CPU, where bf16 is
-    emulated and slow). Under bf16 autocast inductor rounds differently from eager (it keeps fused
-    intermediates in fp32), so the bar is bf16's own error: the compiled gradient is no further from the exact
-    (fp32) one than 1.5x eager's; in fp32, float noise (1e-4 of the norm)."""
-    dtype = pick_dtype("auto", CPU)
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_compiled_and_eager_losses_and_projector_gradients_agree(tiny_config, device):
+    """In the run dtype of this device (main.py's auto: bf16 on a GPU or a CPU with AMX, fp32 on an AVX2-only
+    CPU, where bf16 is emulated and slow). Under bf16 autocast inductor rounds differently from eager (it keeps
+    fused intermediates in fp32), so the bar is bf16's own error: the compiled gradient is no further from the
+    exact (fp32) one than 1.5x eager's; in fp32, float noise (1e-4 of the norm)."""
+    dtype = pick_dtype("auto", device)
+    cfg = dataclasses.replace(tiny_config, device=device.type)
     torch._dynamo.reset()
-    eager = build_model(tiny_config, CPU, dtype)
-    compiled = build_model(dataclasses.replace(tiny_config, compile="true"), CPU, dtype)
+    eager = build_model(cfg, device, dtype)
+    compiled = build_model(dataclasses.replace(cfg, compile="true"), device, dtype)
     batch = collate(samples(eager, 4), eager.processor.tokenizer.pad_token_id)
-    exact_loss, exact_gradient = gradients_of_one_step(build_model(tiny_config, CPU, torch.float32), batch,
-                                                       torch.float32)
-    eager_loss, eager_gradient = gradients_of_one_step(eager, batch, dtype)
-    loss, gradient = gradients_of_one_step(compiled, batch, dtype)
+    exact_loss, exact_gradient = gradients_of_one_step(build_model(cfg, device, torch.float32), batch,
+                                                       torch.float32, device)
+    eager_loss, eager_gradient = gradients_of_one_step(eager, batch, dtype, device)
+    loss, gradient = gradients_of_one_step(compiled, batch, dtype, device)
     assert loss == pytest.approx(exact_loss, rel=2e-2) and eager_loss == pytest.approx(exact_loss, rel=2e-2)
     rounding = (eager_gradient - exact_gradient).norm()
     assert rounding < 0.5 * exact_gradient.norm()  # the bar itself is sane
@@ -61,12 +65,14 @@ def graphs_of_a_run(cfg, monkeypatch) -> dict:
     monkeypatch.setattr(TinyVLM, "compile_regions", lambda self, backend: compile_regions(self, backend=counting_backend))
     torch._dynamo.reset()
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        train(cfg, build_model(cfg, CPU, torch.float32), CPU, torch.float32)
+        run(cfg)
     return graphs
 
 
+@pytest.mark.gpu
+@pytest.mark.slow
 def test_a_compiled_run_makes_two_graphs_per_region_whatever_the_batches(tiny_config, shapes_data, tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, device):
     """Steps of varying lengths (each micro-batch as long as its longest sample), micro-batches that lost
     samples to missing images, down to one sample, validation passes, captions of held-out images and
     checkpoints: each region compiles two graphs, one dynamic from the first batch and one that dynamo
@@ -75,22 +81,26 @@ def test_a_compiled_run_makes_two_graphs_per_region_whatever_the_batches(tiny_co
     for entry in entries[::3]:
         entry["image"] = "missing.jpg"
     (tmp_path / "holes.json").write_text(json.dumps(entries))
-    cfg = dataclasses.replace(tiny_config, compile="true", data_path=str(tmp_path / "holes.json"), batch_size=3,
+    cfg = dataclasses.replace(tiny_config, compile="true", device=device.type, data_path=str(tmp_path / "holes.json"),
+                              batch_size=3,
                               grad_accum_steps=2, max_steps=8, log_every=2, eval_every=4, save_every=4,
                               sample_every=4, num_sample_images=2)
     graphs = graphs_of_a_run(cfg, monkeypatch)
     assert graphs == {"vision": 2, "projector": 2, "decoder layer": 2}, graphs
 
 
-def test_a_compiled_packed_stage2_run_makes_two_graphs_per_region(finetune_config, monkeypatch):
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_a_compiled_packed_stage2_run_makes_two_graphs_per_region(finetune_config, monkeypatch, device):
     """Packed micro-batches of several rows and of one, text-only ones among them."""
-    cfg = dataclasses.replace(finetune_config, compile="true", packing=True, attn_implementation="sdpa",
+    cfg = dataclasses.replace(finetune_config, compile="true", device=device.type, packing=True, attn_implementation="sdpa",
                               batch_size=2, grad_accum_steps=3, max_tokens_per_batch=256, max_steps=4, log_every=2,
                               eval_every=4, save_every=4, sample_every=0)
     graphs = graphs_of_a_run(cfg, monkeypatch)
     assert graphs == {"vision": 2, "projector": 2, "decoder layer": 2}, graphs
 
 
+@pytest.mark.slow
 def test_generate_works_on_a_compiled_model_and_answers_like_eager(tiny_config, shapes_data):
 
     torch._dynamo.reset()

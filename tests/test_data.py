@@ -11,8 +11,8 @@ from PIL import Image, ImageDraw
 
 import demo
 from data import LLaVADataset, Processor, StreamSampler, collate, pack_step, padded_step
-from sources import (IGNORE_INDEX, ImageFolder, ImageZip, check_entry, decode_image, llava_to_messages, load_llava_json, open_data,
-                     split_entries, to_rgb)
+from sources import (IGNORE_INDEX, ImageFolder, ImageZip, check_entry, decode_image, llava_to_messages, load_llava_json,
+                     open_data, split_entries, to_rgb)
 
 CAPTION = "olive oil is a healthy ingredient used liberally ."
 INSTRUCTION = "Provide a brief description of the given image."
@@ -149,6 +149,7 @@ def test_zip_with_a_top_level_folder_resolves_bare_names(tmp_path):
         source.read("GCC_train_2.jpg")
 
 
+@pytest.mark.slow
 def test_each_dataloader_worker_opens_its_own_zip_handle(shapes_data, processor):
     source = ImageZip(f"{shapes_data}/images.zip")
     source.read("shape_000000.jpg")

@@ -8,11 +8,14 @@ import sys
 
 import demo
 import generate
+
+import pytest
 from demo import DEMO_CONFIG, PROMPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_demo_reports_the_captions_generate_py_gives_for_its_checkpoint(tmp_path, smollm2_dir):
     result = subprocess.run([sys.executable, "main.py", "--demo", "--max_steps=6", "--eval_every=6", "--save_every=6",
                              "--sample_every=0", "--wandb_mode=disabled", f"--out_dir={tmp_path}"],

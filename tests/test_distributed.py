@@ -10,6 +10,7 @@ import pytest
 from helpers import assert_same_updates, checkpoint_weights, initial_weights, run, torchrun
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tiny_config):
     cfg = dataclasses.replace(tiny_config, max_steps=3, eval_every=3, save_every=3, sample_every=0)
     one = run(dataclasses.replace(cfg, run_name="one", batch_size=4))
@@ -23,6 +24,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_config):
     assert logged[two][-1]["val/loss"] == pytest.approx(logged[one][-1]["val/loss"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_a_process_whose_samples_were_all_skipped_does_not_hang_the_others(tiny_config, tmp_path):
     """Batch 1 per process and two entries whose image is missing: in some steps a process has nothing left
     to train on and runs an idle forward and backward instead, so the all-reduce completes."""
@@ -38,6 +40,7 @@ def test_a_process_whose_samples_were_all_skipped_does_not_hang_the_others(tiny_
     assert logged[-2]["data/skipped image missing"] == 2  # summed over the two processes
 
 
+@pytest.mark.slow
 def test_a_two_process_run_resumes_in_one_process(tiny_config):
     cfg = dataclasses.replace(tiny_config, max_steps=4, lr_decay_steps=4, eval_every=4, save_every=4,
                               sample_every=0, batch_size=4)

@@ -152,7 +152,7 @@ def coco(tmp_path_factory) -> tuple[str, str]:
     root = tmp_path_factory.mktemp("coco")
     (root / "val2014").mkdir()
     images = []
-    for i, (name, captions) in enumerate(CAPTIONS.items()):
+    for i, captions in enumerate(CAPTIONS.values()):
         filename = f"COCO_val2014_{i:012d}.jpg"
         (root / "val2014" / filename).write_bytes(png())
         images.append({"filepath": "val2014", "sentids": [i], "filename": filename, "imgid": i, "split": "test",
@@ -223,6 +223,7 @@ def test_shapes_task_scores_the_demo_held_out_set(shapes_data):
     assert score(jobs)["accuracy"] == pytest.approx(100 * 17 / 18)
 
 
+@pytest.mark.slow
 def test_eval_script_runs_every_task_and_writes_results(tiny_model, tmp_path, mmstar, pope, vqav2, coco,
                                                        shapes_data):
     folder = str(tmp_path / "model")

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -28,6 +29,7 @@ def test_instruction_data_has_multi_turn_and_text_only_conversations(instruct_da
         assert all("<image>" not in turn["value"] for turn in entry["conversations"][1:])
 
 
+@pytest.mark.slow
 def test_stage2_starts_from_stage1_and_trains_projector_and_language_model_not_vision(finetune_config,
                                                                                       stage1_model):
     model = build_model(finetune_config, CPU, torch.float32)
@@ -56,6 +58,7 @@ def test_text_only_samples_train_in_the_same_batches_as_image_samples(finetune_c
     assert model.projector.gate.weight.grad.abs().sum() > 0 and model.lm.lm_head.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_stage2_save_load_and_generate_round_trip(finetune_config, instruct_data):
     model, run_dir = run(finetune_config)
     folder = os.path.join(run_dir, "checkpoint")
@@ -68,6 +71,7 @@ def test_stage2_save_load_and_generate_round_trip(finetune_config, instruct_data
         loaded.eval().generate(images, "What colour is it?", max_new_tokens=5)
 
 
+@pytest.mark.slow
 def test_stage2_resume_is_exact(finetune_config):
     straight = run(dataclasses.replace(finetune_config, run_name="straight", max_steps=4, lr_decay_steps=4))[1]
     run(dataclasses.replace(finetune_config, run_name="halves", max_steps=2, lr_decay_steps=4))
@@ -92,6 +96,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(finetune_config):
     torch.testing.assert_close(grads[0], grads[1])
 
 
+@pytest.mark.slow
 def test_stage2_under_torchrun_with_a_text_only_micro_batch(finetune_config, tmp_path):
     """Batch 1 per process and 2 micro-batches per step: some micro-batches give one process a text-only
     sample (no image, the projector unused) while the other has an image. Two processes must agree with one

@@ -3,14 +3,15 @@
 import json
 import os
 
+import pytest
 import torch
+from helpers import CPU, scripted_language_model, shape_images
 from transformers import AutoTokenizer
 
 import generate
-from sources import load_llava_json
 from main import VLMConfig, build_model
 from model import TinyVLM
-from helpers import CPU, scripted_language_model, shape_images
+from sources import load_llava_json
 
 
 def test_generation_is_greedy_deterministic_and_stops_at_the_end_of_turn_token(tiny_models, tmp_path, shapes_data):
@@ -29,7 +30,9 @@ def test_generation_is_greedy_deterministic_and_stops_at_the_end_of_turn_token(t
     assert model.generate(images, "What is it?", max_new_tokens=20) == answers
 
 
-def test_batched_left_padded_generation_equals_one_by_one(tiny_model, shapes_data):
+@pytest.mark.gpu
+def test_batched_left_padded_generation_equals_one_by_one(tiny_model, shapes_data, device):
+    tiny_model.to(device)
     images = shape_images(shapes_data, 4)
     prompts = ["Describe.", "What colour is the shape in this picture?", "Name the shape.", "Hi"]
     with torch.no_grad():  # weights large enough for the image, the prompt and padding errors to show

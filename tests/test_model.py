@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
 from data import collate
-from sources import IGNORE_INDEX, llava_to_messages
 from main import VLMConfig
 from model import Projector, TinyVLM, autocast, pixel_shuffle
+from sources import IGNORE_INDEX, llava_to_messages
 
 
 def test_pixel_shuffle_tokens_are_2x2_spatial_blocks():
@@ -117,15 +117,15 @@ def masked_token_losses(model, batch) -> torch.Tensor:
     return F.cross_entropy(logits[targets != IGNORE_INDEX].float(), targets[targets != IGNORE_INDEX], reduction="none")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
-def test_right_padded_training_without_a_mask_matches_the_masked_path(tiny_config, attention, stage):
+def test_right_padded_training_without_a_mask_matches_the_masked_path(tiny_config, attention, stage, device):
     """Training passes no padding mask (sdpa runs causal); every token's loss and every trained weight's
     gradient (the projector; in stage 2 the language model too) are those of the masked path, to float noise."""
     from main import build_model
 
-    model = build_model(dataclasses.replace(tiny_config, attn_implementation=attention), torch.device("cpu"),
-                        torch.float32)
+    model = build_model(dataclasses.replace(tiny_config, attn_implementation=attention), device, torch.float32)
     model.lm.requires_grad_(stage == "finetune")
     batch = image_batch(model, num_samples_with_images=3, num_text_only=1)
     assert len(set(batch["attention_mask"].sum(1).tolist())) == 4  # four lengths: three rows have pads
@@ -135,6 +135,7 @@ def test_right_padded_training_without_a_mask_matches_the_masked_path(tiny_confi
         gradients = torch.autograd.grad(losses.sum(), trained)
         return losses.detach(), torch.cat([g.flatten() for g in gradients])
 
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     unmasked = losses_and_gradients(model(batch["input_ids"], batch["labels"], batch["pixels"], reduction="none"))
     masked = losses_and_gradients(masked_token_losses(model, batch))
     torch.testing.assert_close(unmasked[0], masked[0], rtol=1e-5, atol=1e-5)

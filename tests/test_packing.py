@@ -171,6 +171,7 @@ def packed_config(finetune_config, tmp_path):
                                val_data_path=str(tmp_path / "val.json"))
 
 
+@pytest.mark.slow
 def test_packed_training_updates_the_weights_like_padded_training(packed_config):
     packed = run(dataclasses.replace(packed_config, run_name="packed"))
     padded = run(dataclasses.replace(packed_config, run_name="padded", packing=False))
@@ -183,6 +184,7 @@ def test_packed_training_updates_the_weights_like_padded_training(packed_config)
             [m[key] for m in logged[padded] if key in m], rel=1e-4), key
 
 
+@pytest.mark.slow
 def test_packed_resume_with_data_loader_workers_is_exact(packed_config):
     cfg = dataclasses.replace(packed_config, num_workers=2, lr_decay_steps=2)
     straight, resumed = straight_and_resumed(cfg, first_steps=1)
@@ -190,6 +192,7 @@ def test_packed_resume_with_data_loader_workers_is_exact(packed_config):
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
+@pytest.mark.slow
 def test_two_processes_packing_their_own_shares_train_like_one(packed_config):
     """Each process packs its own 4 conversations of a step; in the second step one process needs 3
     micro-batches and the other 2: the one that finishes first waits in the gradient all-reduce, not forever."""

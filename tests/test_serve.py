@@ -210,6 +210,7 @@ new MutationObserver(() => {
 """
 
 
+@pytest.mark.slow
 def test_the_page_streams_an_answer_about_an_uploaded_image_in_a_real_browser(served_page, image_files):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

@@ -282,6 +282,7 @@ def test_tokenized_samples_are_those_the_chat_template_gives_on_every_schema(tmp
                 torch.equal(from_store["pixels"], from_tokens["pixels"])
 
 
+@pytest.mark.slow
 def test_tokens_are_built_once_in_parallel_and_again_for_another_tokenizer_setting(tmp_path, image_folder,
                                                                                       processor, tokenizer, monkeypatch):
     entries = [{"id": str(i), "image": "red.jpg", "conversations": turns("<image>\nColour" + "?" * i, "Red.")}

@@ -6,11 +6,11 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import CPU, run
 
 import main
 from model import TinyVLM
 from syncs import SyncRecorder, no_syncs
-from helpers import CPU, run
 
 
 def test_the_recorder_sees_each_kind_of_sync_and_nothing_else():
@@ -49,20 +49,27 @@ def counting_quiet_steps(monkeypatch) -> list:
     return quiet
 
 
-def test_stage1_padded_steps_with_accumulation_read_nothing_back(tiny_config, monkeypatch):
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_stage1_padded_steps_with_accumulation_read_nothing_back(tiny_config, monkeypatch, device):
+    """On a GPU under CUDA's sync debug mode; on a CPU under the recorder."""
     quiet = counting_quiet_steps(monkeypatch)
-    cfg = dataclasses.replace(tiny_config, check_syncs=True, batch_size=2, grad_accum_steps=2, max_steps=7,
+    cfg = dataclasses.replace(tiny_config, check_syncs=True, device=device.type, num_workers=2, batch_size=2,
+                              grad_accum_steps=2, max_steps=7,
                               log_every=3, eval_every=6, save_every=6, sample_every=6, num_sample_images=2)
     run(cfg)
     assert len(quiet) == 4  # steps 3, 6 and the last (7) log, evaluate, caption or save; 1, 2, 4, 5 are quiet
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("packing, attention", [(True, "sdpa"), (True, "eager"), (False, "sdpa")])
-def test_stage2_steps_read_nothing_back(finetune_config, monkeypatch, packing, attention):
+@pytest.mark.slow
+def test_stage2_steps_read_nothing_back(finetune_config, monkeypatch, packing, attention, device):
     """Packed rows (the block-diagonal mask built on the device) and padded batches, text-only micro-batches
     among them; sdpa is what GPUs get."""
     quiet = counting_quiet_steps(monkeypatch)
-    cfg = dataclasses.replace(finetune_config, check_syncs=True, packing=packing, attn_implementation=attention,
+    cfg = dataclasses.replace(finetune_config, check_syncs=True, device=device.type, packing=packing,
+                              attn_implementation=attention,
                               batch_size=2, grad_accum_steps=3, max_tokens_per_batch=256, max_steps=4,
                               log_every=4, eval_every=4, save_every=4, sample_every=0)
     run(cfg)
