@@ -382,8 +382,8 @@ def start_worker(_worker_id: int):
       itself, so a worker must not die first and fail the batch being fetched.
     - glibc raises its mmap threshold to the size of each large block freed, so after the first batch a
       worker's decode and collate buffers (up to the 9.6 MB of a batch's pixels) come from the heap and stay
-      resident after they are freed. A fixed threshold returns them to the OS: about 6 MB less per worker
-      (README, Data at scale)."""
+      resident after they are freed. A fixed threshold returns them to the OS (bench.py --parts data_scale;
+      docs/measurements.md)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # glibc only; elsewhere nothing to do
     if mallopt is not None:

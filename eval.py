@@ -20,7 +20,7 @@ from PIL import Image
 
 from sources import decode_image, first_answer, first_question, load_llava_json, open_image_source, to_rgb
 from generate import answer
-from model import load_for_inference
+from model import DTYPE_HELP, load_for_inference
 
 # Prompt suffixes as LLaVA-1.5's evaluation writes them (llava/eval and its scripts/v1_5/eval).
 # The demo's held-out shapes (demo.py draws them): captions answer SHAPES_PROMPT and name one of each.
@@ -388,7 +388,7 @@ def parse_args(argv):
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     parser.add_argument("--attn_implementation", default="auto")
     parser.add_argument("--output", default=None, help="results JSON (default: eval_results.json in the model folder)")
     parser.add_argument("--wandb_mode", default="disabled", help="online or offline to log the results to W&B")

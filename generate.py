@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from sources import IMAGE_ERRORS, decode_image, first_answer, first_question, load_llava_json, open_image_source
-from model import autocast, load_for_inference
+from model import DTYPE_HELP, autocast, load_for_inference
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_PROMPT = "Describe the image concisely."
@@ -108,7 +108,7 @@ def parse_args(argv):
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU that has it, else float32")
+    parser.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     parser.add_argument("--attn_implementation", default="auto", help="auto: sdpa on GPUs, eager on CPUs")
     parser.add_argument("--seed", type=int, default=0, help="for --do_sample")
     args = parser.parse_args(argv)

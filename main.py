@@ -1,6 +1,6 @@
 """Train TinyVLM: stage 1 trains the modality projector on LLaVA-format image-caption data; stage 2
 (--stage finetune) trains the projector and the language model on LLaVA instruction data.
-  uv run main.py --demo                              # offline demo on synthetic shapes, CPU, about 4 minutes
+  uv run main.py --demo                              # offline demo on synthetic shapes, CPU, minutes
   python main.py --batch_size 32 --lr 1e-3           # any VLMConfig field can be overridden like this
   torchrun --nproc_per_node 4 main.py                # the same run on 4 GPUs
   python main.py --resume runs/stage1-20261127-1200  # continue a stopped run exactly where it stopped
@@ -30,7 +30,7 @@ from tqdm import tqdm
 from data import LLaVADataset, SKIPPED_WHEN_LOADED, StreamSampler, collate, pack_step, padded_step, start_worker
 from sources import (IGNORE_INDEX, IMAGE_ERRORS, check_data_paths, decode_image, first_answer, first_question, open_data,
                      split_entries, tokenize, without_long_samples)
-from model import (ModelConfig, TinyVLM, autocast, find_model_folder, pick_attention, pick_compile, pick_device,
+from model import (ModelConfig, TinyVLM, as_bool, autocast, find_model_folder, pick_attention, pick_compile, pick_device,
                    pick_dtype)
 from syncs import no_syncs
 
@@ -60,7 +60,7 @@ class VLMConfig:
     init_from: str = ""  # a trained TinyVLM (model or run folder) to start from: stage 2 starts from stage 1
     gradient_checkpointing: bool = False  # recompute LM activations in the backward pass: less memory
     # optimisation (LLaVA stage 1: global batch 256, lr 1e-3, warmup 3%, cosine, one epoch)
-    # -1: 256 on CUDA (with a 25% margin it fits a 48 GB A40: bench.py --parts memory), 64 elsewhere; never
+    # -1: 256 on CUDA (it fits a 48 GB A40 with room to spare: bench.py --parts memory), 64 elsewhere; never
     # more than the global batch of 256 shared among the processes
     batch_size: int = -1  # per device and micro-batch
     grad_accum_steps: int = -1  # global batch = batch_size * grad_accum_steps * processes; -1: 256 in all
@@ -80,7 +80,7 @@ class VLMConfig:
     grad_clip: float = 1.0
     # precision and device
     device: str = "auto"  # auto: cuda, then mps, then cpu
-    dtype: str = "auto"  # auto: bfloat16 on GPUs that have it, else float16; float32 on CPU
+    dtype: str = "auto"  # auto: bf16 on GPUs that have it, else fp16; CPUs: bf16 with AMX or AVX512-BF16, else fp32
     # auto: sdpa on GPUs; on CPUs sdpa_varlen with packing (model.sdpa_varlen: attention per conversation), else eager
     attn_implementation: str = "auto"
     compile: str = "auto"  # torch.compile the encoder, projector and LM layers: auto (CUDA only), true, false, a backend
@@ -105,11 +105,9 @@ class VLMConfig:
 
 
 def parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    if as_bool(text) is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return as_bool(text)
 
 
 def parse_args(argv: list[str]) -> dict:
@@ -125,8 +123,8 @@ def parse_args(argv: list[str]) -> dict:
 
 
 # Stage 2 as LLaVA-1.5 finetunes: llava_v1_5_mix665k, global batch 128, lr 2e-5, warmup 3%, cosine, one epoch.
-# Packed into rows of up to 512 tokens, with attention per conversation (sdpa_varlen) on CPUs: 95% of the token
-# slots are real tokens instead of 35%, 1.85x the trained tokens/s of padded batches on a CPU (README, Packing).
+# Packed into rows of up to 512 tokens, with attention per conversation: most token slots hold real tokens
+# instead of padding (bench.py --parts packing; docs/measurements.md).
 FINETUNE_CONFIG = dict(data_path="data/llava_v1_5_mix665k.json", image_root="data/llava_images", max_length=2048,
                        batch_size=16, grad_accum_steps=8, packing=True, pack_length=512, lr=2e-5, lm_lr=2e-5,
                        eval_every=200, save_every=1000)
@@ -504,7 +502,7 @@ def data_workers(requested: int) -> int:
     return max(0, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
 
 
-def for_processes(model: TinyVLM, device: torch.device):
+def wrapped_for_ddp(model: TinyVLM, device: torch.device):
     """The module the loop calls: under torchrun, the model in DistributedDataParallel, which syncs only the
     parameters that train (a text-only micro-batch still gives the projector a gradient: forward_backward)."""
     if not dist.is_initialized():
@@ -557,17 +555,17 @@ class Interval:
 
 
 def log_training(cfg: VLMConfig, logger, progress: Progress, interval: Interval, grad_norm: torch.Tensor,
-                 factor: float, skipped_entries: dict, device: torch.device) -> None:
+                 lr_scale: float, skipped_entries: dict, device: torch.device) -> None:
     """The training metrics of the steps since the last log, summed over all processes; rank 0 writes them."""
     loss, tokens, samples, seconds = interval.totals()
     skipped_loading = all_reduce_sum(progress.skipped_samples.to(device, copy=True)).tolist()
-    metrics = {"train/loss": loss, "train/lr": cfg.lr * factor, "train/grad_norm": grad_norm.item(),
-               **({"train/lm_lr": cfg.lm_lr * factor} if cfg.stage == "finetune" else {}),
+    metrics = {"train/loss": loss, "train/lr": cfg.lr * lr_scale, "train/grad_norm": grad_norm.item(),
+               **({"train/lm_lr": cfg.lm_lr * lr_scale} if cfg.stage == "finetune" else {}),
                "train/samples_per_s": samples / seconds, "train/tokens_per_s": tokens / seconds,
                **{f"data/skipped {reason}": n for reason, n in skipped_entries.items()},
                **{f"data/skipped {reason}": n for reason, n in zip(SKIPPED_WHEN_LOADED, skipped_loading) if n}}
     logger.log(metrics, progress.step)
-    logger.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{cfg.lr * factor:.2e}", samples_per_s=f"{samples / seconds:.1f}")
+    logger.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{cfg.lr * lr_scale:.2e}", samples_per_s=f"{samples / seconds:.1f}")
 
 
 def save_checkpoint(run_dir: str, cfg: VLMConfig, model: TinyVLM, optimizer, scaler, progress: Progress,
@@ -657,7 +655,7 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
                                              world_size, device)
     log(f"data: {len(train_set)} training and {len(val_set)} validation samples, {train_loader.num_workers} "
         f"DataLoader workers per process, steps of {cfg.batch_size} x {cfg.grad_accum_steps} x {world_size}")
-    trainer = for_processes(model, device)
+    trainer = wrapped_for_ddp(model, device)
     logger = Logger(cfg, run_dir, is_main, progress.wandb_id or None, progress.step if cfg.resume else None,
                     max_steps)
     progress.wandb_id = logger.wandb_id or ""
@@ -673,7 +671,8 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
     try:
         while progress.step < max_steps:
             step = progress.step + 1
-            due = {name: every > 0 and (step % every == 0 or step == max_steps) for name, every in (
+            # the periodic work this step does, besides training
+            periodic = {name: every > 0 and (step % every == 0 or step == max_steps) for name, every in (
                 ("log", cfg.log_every), ("eval", cfg.eval_every), ("sample", cfg.sample_every),
                 ("save", cfg.save_every))}
             # ---- one training step (every process). The host takes this process's share of the step, its
@@ -682,10 +681,10 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
             micro_batches = next(batches)
             progress.position += global_batch
             progress.count_skipped(micro_batches)
-            with no_syncs(device, cfg.check_syncs and not any(due.values())):
-                factor = lr_factor(progress.step, warmup_steps, decay_steps, cfg.min_lr_ratio)
+            with no_syncs(device, cfg.check_syncs and not any(periodic.values())):
+                lr_scale = lr_factor(progress.step, warmup_steps, decay_steps, cfg.min_lr_ratio)
                 for group in optimizer.param_groups:
-                    group["lr"] = group["base_lr"] * factor
+                    group["lr"] = group["base_lr"] * lr_scale
                 loss_sum = forward_backward(trainer, micro_batches, device, dtype, scaler, world_size)
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip)
@@ -697,10 +696,10 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
                 logger.bar.update(1)
 
             # ---- log the training metrics (every process adds its part; rank 0 writes)
-            if due["log"]:
-                log_training(cfg, logger, progress, interval, grad_norm, factor, skipped_entries, device)
+            if periodic["log"]:
+                log_training(cfg, logger, progress, interval, grad_norm, lr_scale, skipped_entries, device)
             # ---- evaluate and keep the best model (every process evaluates its share; rank 0 saves best/)
-            if due["eval"]:
+            if periodic["eval"]:
                 val_loss = evaluate(model, val_loader, device, dtype)
                 logger.log({"val/loss": val_loss}, step)
                 log(f"step {step}: val loss {val_loss:.4f}")
@@ -710,19 +709,19 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
                         save_atomically(os.path.join(run_dir, "best"), partial(
                             model.save_pretrained, save_language_model=cfg.stage == "finetune"))
             # ---- caption the held-out images (rank 0)
-            if due["sample"] and sample_entries:
+            if periodic["sample"] and sample_entries:
                 rows = caption_samples(model, sample_entries, sample_images, device, dtype)
                 logger.log_samples(rows, sample_images, step)
             # ---- save a checkpoint (every process adds its skip counts; rank 0 writes)
-            if due["save"]:
+            if periodic["save"]:
                 save_checkpoint(run_dir, cfg, model, optimizer, scaler, progress, device, is_main)
-            if due["log"]:  # the next interval's clock starts after this step's periodic work
+            if periodic["log"]:  # the next interval's clock starts after this step's periodic work
                 interval = Interval(device)
             # ---- stop on SIGINT or SIGTERM: one process at once, several together at a logging step
             if world_size == 1:
                 stopping = bool(stop_signals)
             else:
-                stopping = due["log"] and all_reduce_sum(torch.tensor([len(stop_signals)], device=device)).item() > 0
+                stopping = periodic["log"] and all_reduce_sum(torch.tensor([len(stop_signals)], device=device)).item() > 0
             if stopping and step < max_steps:
                 log(f"stop requested: checkpoint at step {step}; resume with --resume {run_dir}")
                 if progress.saved_at != step:

@@ -58,13 +58,17 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 
 def cpu_has_bf16_matmul() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16). Without it, torch falls
-    back to a slow reference kernel: on an AVX2-only AMD EPYC a bf16 training step took 7-10x as long as fp32."""
+    back to a slow reference kernel, many times slower than fp32 (docs/measurements.md)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+# pick_dtype's rule, for the programs' --dtype
+DTYPE_HELP = "auto: bfloat16 on GPUs that have it, else float16; on CPUs bfloat16 with AMX or AVX512-BF16, else float32"
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -111,14 +115,20 @@ AttentionMaskInterface.register("sdpa_varlen", sdpa_mask)
 
 
 def pick_attention(name: str, device: torch.device, packing: bool = False) -> str:
-    """"auto": sdpa on GPUs. On CPUs, sdpa_varlen for packed batches (stage 2's packed rows: 1.12x the tokens/s
-    of sdpa with the block-diagonal mask, measured) and eager otherwise, where sdpa's backward was about twice
-    as slow (measured, stage 1)."""
+    """"auto": sdpa on GPUs. On CPUs, sdpa_varlen for packed batches (faster there than sdpa with the
+    block-diagonal mask) and eager otherwise, where sdpa's backward is slower (bench.py --parts step and
+    --parts packing; docs/measurements.md)."""
     if name != "auto":
         return name
     if device.type == "cuda":
         return "sdpa"
     return "sdpa_varlen" if packing else "eager"
+
+
+def as_bool(text: str) -> bool | None:
+    """True or False for the words a command line uses for them (1/0, true/false, yes/no, on/off), else None."""
+    return {"1": True, "true": True, "yes": True, "on": True,
+            "0": False, "false": False, "no": False, "off": False}.get(text.lower())
 
 
 def pick_compile(name: str, device: torch.device) -> str | None:
@@ -127,10 +137,8 @@ def pick_compile(name: str, device: torch.device) -> str | None:
     (aot_eager, say, which traces and runs autograd like inductor without generating kernels): that one."""
     if name == "auto":
         return "inductor" if device.type == "cuda" else None
-    if name.lower() in ("1", "true", "yes", "on"):
-        return "inductor"
-    if name.lower() in ("0", "false", "no", "off"):
-        return None
+    if as_bool(name) is not None:
+        return "inductor" if as_bool(name) else None
     if name in torch._dynamo.list_backends(exclude_tags=()):
         return name
     raise ValueError(f"compile must be auto, true, false or a torch.compile backend "

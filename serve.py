@@ -15,7 +15,7 @@ import transformers
 from PIL import Image
 
 from sources import IMAGE_ERRORS, IMAGE_MARKER, conversation_to_llava, to_rgb
-from model import TinyVLM, load_for_inference
+from model import DTYPE_HELP, TinyVLM, load_for_inference
 
 MAX_IMAGE_PIXELS = 50_000_000  # a 50-megapixel photo decodes to 150 MB; larger images are refused unread
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # the default theme would fetch web fonts
@@ -135,7 +135,7 @@ def parse_args(argv):
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU that has it, else float32")
+    parser.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     parser.add_argument("--attn_implementation", default="auto", help="auto: sdpa on GPUs, eager on CPUs")
     parser.add_argument("--max_image_pixels", type=int, default=MAX_IMAGE_PIXELS)
     parser.add_argument("--max_file_size", default="20mb", help="larger uploads are refused by the page")
