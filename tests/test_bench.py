@@ -23,7 +23,7 @@ def test_the_programs_import_without_what_a_bare_gpu_machine_lacks(tmp_path):
     env = without_packages(tmp_path)
     result = subprocess.run([sys.executable, "-c", "import wandb"], env=env, capture_output=True, text=True)
     assert result.returncode != 0  # the blocking works
-    result = subprocess.run([sys.executable, "-c", "import main, model, data, generate, eval, bench"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-c", "import main, model, data, generate, eval, bench, export"], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
 
