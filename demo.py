@@ -20,8 +20,8 @@ import transformers
 from PIL import Image, ImageDraw
 
 from eval import SHAPE_COLOURS, SHAPE_NAMES, SHAPES_PROMPT, run_task
-from main import build_model, parse_args, resolve_config, train
-from model import SIGLIP_PREPROCESSING, pick_device, pick_dtype
+from main import build_model, config_problems, parse_args, resolve_config, train
+from model import SIGLIP_PREPROCESSING, exit_if_problems, pick_device, pick_dtype
 
 DEMO_DIR = "data/demo"
 LANGUAGE_MODEL_DIR = f"{DEMO_DIR}/models/SmolLM2-135M-Instruct"
@@ -351,6 +351,7 @@ def config(argv: list[str]):
 def main(argv: list[str]) -> None:
     transformers.utils.logging.disable_progress_bar()
     cfg = config(argv)
+    exit_if_problems("demo.py", config_problems(cfg, check_paths=False))  # the demo makes its data and models below
     device = pick_device(cfg.device)
     run(cfg, device, pick_dtype(cfg.dtype, device))
 

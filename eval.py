@@ -20,7 +20,7 @@ from PIL import Image
 
 from sources import decode_image, first_answer, first_question, load_llava_json, open_image_source, to_rgb
 from generate import answer
-from model import DTYPE_HELP, load_for_inference
+from model import DTYPE_HELP, exit_if_problems, load_for_inference, runtime_problems
 
 # Prompt suffixes as LLaVA-1.5's evaluation writes them (llava/eval and its scripts/v1_5/eval).
 # The demo's held-out shapes (demo.py draws them): captions answer SHAPES_PROMPT and name one of each.
@@ -402,6 +402,7 @@ def parse_args(argv):
 
 def main(argv: list[str]) -> dict:
     args = parse_args(argv)
+    exit_if_problems("eval.py", runtime_problems(args.device, args.dtype, args.attn_implementation, args.checkpoint))
     transformers.utils.logging.disable_progress_bar()
     model, folder, device, dtype = load_for_inference(args.checkpoint, args.device, args.dtype,
                                                      args.attn_implementation)
@@ -415,7 +416,8 @@ def main(argv: list[str]) -> dict:
         print(f"{task:8s} {metric:28s} {value:.2f}" if isinstance(value, float) else f"{task:8s} {metric:28s} {value}")
     output = args.output or os.path.join(folder, "eval_results.json")
     with open(output, "w") as f:
-        json.dump({"checkpoint": folder, "results": results, "predictions": predictions}, f, indent=1, default=str)
+        json.dump({"checkpoint": folder, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                   "results": results, "predictions": predictions}, f, indent=1, default=str)
     print(f"wrote {output}")
     if args.wandb_mode != "disabled":
         import wandb

@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from sources import IMAGE_ERRORS, decode_image, first_answer, first_question, load_llava_json, open_image_source
-from model import DTYPE_HELP, autocast, load_for_inference
+from model import DTYPE_HELP, autocast, exit_if_problems, load_for_inference, runtime_problems
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_PROMPT = "Describe the image concisely."
@@ -119,6 +119,7 @@ def parse_args(argv):
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    exit_if_problems("generate.py", runtime_problems(args.device, args.dtype, args.attn_implementation, args.checkpoint))
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(args.seed)
     model, _, device, dtype = load_for_inference(args.checkpoint, args.device, args.dtype, args.attn_implementation)

@@ -7,9 +7,11 @@
 """
 
 import argparse
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -17,6 +19,105 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
+
+@dataclass
+class VLMConfig:
+    # model: the frozen encoders (hub ids or local folders) and the projector between them
+    vision_model: str = "google/siglip-base-patch16-224"  # hub id or local folder of a SigLIP vision model
+    language_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # hub id or local folder of a chat LM
+    vision_feature_layer: int = -2  # which encoder hidden state feeds the projector (LLaVA: penultimate)
+    pixel_shuffle_factor: int = 2  # r x r patches make one image token: 14x14 patches -> 7x7 = 49 tokens
+    projector_hidden_dim: int = 12288  # SwiGLU width; 82.6M projector parameters, about 300M in all
+    max_length: int = 256  # samples longer than this (in tokens) are skipped and counted
+    system_prompt: str = ""  # an empty system turn: SmolLM2's default one would add 16 tokens to each sample
+    # data: a JSON/JSONL file (LLaVA, Cauldron or chat-messages schema), a parquet file or folder, or a hub
+    # dataset id; images embedded in parquet/hub rows, or paths under image_root (a folder or images.zip)
+    data_path: str = "data/LLaVA-CC3M-Pretrain-595K/chat.json"  # JSON/JSONL, parquet, or a hub dataset id
+    image_root: str = "data/LLaVA-CC3M-Pretrain-595K/images.zip"  # a folder or .zip; empty: images in the data
+    data_subset: str = ""  # a hub dataset's subset (configuration), e.g. "ai2d" of HuggingFaceM4/the_cauldron
+    data_split: str = "train"  # a hub dataset's split
+    val_data_path: str = ""  # held-out data like data_path (a hub id: its val_data_split); empty: val_size of it
+    val_data_split: str = "validation"  # a hub val_data_path's split
+    val_size: int = 1024  # entries of data_path held out for validation when there is no val_data_path
+    num_workers: int = -1  # DataLoader workers per process; -1: from this machine's cores (main.data_workers)
+    stage: str = "pretrain"  # pretrain: the projector trains; finetune (stage 2): the projector and the language model
+    init_from: str = ""  # a trained TinyVLM (model or run folder) to start from: stage 2 starts from stage 1
+    gradient_checkpointing: bool = False  # recompute LM activations in the backward pass: less memory
+    # optimisation (LLaVA stage 1: global batch 256, lr 1e-3, warmup 3%, cosine, one epoch)
+    # -1: 256 on CUDA (it fits a 48 GB A40 with room to spare: bench.py --parts memory), 64 elsewhere; never
+    # more than the global batch of 256 shared among the processes
+    batch_size: int = -1  # per device and micro-batch
+    grad_accum_steps: int = -1  # global batch = batch_size * grad_accum_steps * processes; -1: 256 in all
+    # packing: a step trains on the same samples, laid end to end in rows instead of padded, in micro-batches
+    # of at most max_tokens_per_batch tokens (data.pack_step); no sample sees another
+    packing: bool = False  # lay a step's samples end to end in rows instead of padding them (stage 2: true)
+    max_tokens_per_batch: int = 0  # token slots in a packed micro-batch; 0: batch_size * max_length
+    pack_length: int = 0  # rows are filled up to this many tokens, longer samples get one each; 0: max_length
+    epochs: float = 1.0  # passes over the training data
+    max_steps: int = -1  # -1: as many optimizer steps as `epochs` takes
+    lr: float = 1e-3  # the projector's
+    lm_lr: float = 2e-5  # the language model's, in stage 2
+    min_lr_ratio: float = 0.0  # the schedule ends at lr * min_lr_ratio
+    warmup_steps: int = -1  # -1: 3% of lr_decay_steps
+    lr_decay_steps: int = -1  # length of the warmup + cosine schedule; -1: max_steps
+    weight_decay: float = 0.0  # AdamW's weight decay
+    grad_clip: float = 1.0  # the gradient norm is clipped to this
+    # precision and device
+    device: str = "auto"  # auto: cuda, then mps, then cpu
+    dtype: str = "auto"  # auto: bf16 on GPUs that have it, else fp16; CPUs: bf16 with AMX or AVX512-BF16, else fp32
+    attn_implementation: str = "auto"  # auto: sdpa on GPUs; CPUs: sdpa_varlen with packing, else eager
+    compile: str = "auto"  # torch.compile the encoder, projector and LM layers: auto (CUDA only), true, false, a backend
+    check_syncs: bool = False  # raise if a step that logs nothing makes the host wait for the device (syncs.py)
+    seed: int = 1337  # the data order, the validation split and the initial projector
+    # evaluation, checkpoints, logging
+    eval_every: int = 500  # steps between validation passes; the best one is kept in <run>/best
+    save_every: int = 1000  # steps between checkpoints in <run>/checkpoint
+    sample_every: int = 500  # steps between captions of held-out images in W&B and the console; 0: never
+    num_sample_images: int = 8  # held-out images captioned every sample_every steps
+    log_every: int = 10  # steps between training metrics (the loss is read from the device only then)
+    out_dir: str = "runs"  # run folders go here
+    run_name: str = ""  # empty: stage1-<date>-<time>
+    resume: str = ""  # a run folder to continue
+    wandb_project: str = "tinyvlm"  # the W&B project
+    wandb_mode: str = "online"  # online, offline (local files only) or disabled
+    demo: bool = False  # `main.py --demo` runs demo.py: synthetic data, SmolLM2 from PyPI, a random SigLIP
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration from the command line
+
+
+def parse_bool(text: str) -> bool:
+    from model import as_bool  # here and not above: --help answers before torch loads
+
+    if as_bool(text) is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return as_bool(text)
+
+
+def field_help() -> dict[str, str]:
+    """Each VLMConfig field's comment above: its --help line (one source for both)."""
+    lines = inspect.getsource(VLMConfig).splitlines()
+    return {m[1]: m[2] for m in (re.match(r"\s+(\w+): [^#]+#\s*(.*)", line) for line in lines) if m}
+
+
+def parse_args(argv: list[str]) -> dict:
+    """The VLMConfig fields given on the command line, typed: `--lr 1e-3`, `--lr=1e-3`, `--demo`."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps = field_help()
+    for option in fields(VLMConfig):
+        text = f"{helps.get(option.name, '')} (default: {option.default!r})".replace("%", "%%").lstrip()
+        if option.type is bool:
+            parser.add_argument(f"--{option.name}", type=parse_bool, nargs="?", const=True,
+                                default=argparse.SUPPRESS, help=text, metavar="true|false")
+        else:
+            parser.add_argument(f"--{option.name}", type=option.type, default=argparse.SUPPRESS, help=text,
+                                metavar=option.type.__name__.upper())
+    return vars(parser.parse_args(argv))
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer here, in a second, before torch loads below
+    parse_args(sys.argv[1:])
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizer threads fight DataLoader workers
 
@@ -28,98 +129,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data import LLaVADataset, SKIPPED_WHEN_LOADED, StreamSampler, collate, pack_step, padded_step, start_worker
-from sources import (IGNORE_INDEX, IMAGE_ERRORS, check_data_paths, decode_image, first_answer, first_question, open_data,
-                     split_entries, tokenize, without_long_samples)
-from model import (ModelConfig, TinyVLM, as_bool, autocast, find_model_folder, pick_attention, pick_compile, pick_device,
-                   pick_dtype)
+from sources import (IGNORE_INDEX, IMAGE_ERRORS, DataError, check_data_paths, decode_image, first_answer, first_question,
+                     open_data, split_entries, tokenize, without_long_samples)
+from model import (ModelConfig, TinyVLM, autocast, exit_if_problems, find_model_folder, model_folder_problems,
+                   pick_attention, pick_compile, pick_device, pick_dtype, runtime_problems)
 from syncs import no_syncs
-
-
-@dataclass
-class VLMConfig:
-    # model: the frozen encoders (hub ids or local folders) and the projector between them
-    vision_model: str = "google/siglip-base-patch16-224"
-    language_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    vision_feature_layer: int = -2  # which encoder hidden state feeds the projector (LLaVA: penultimate)
-    pixel_shuffle_factor: int = 2  # 14x14 patches -> 7x7 = 49 image tokens
-    projector_hidden_dim: int = 12288  # SwiGLU width; 82.6M projector parameters, about 300M in all
-    max_length: int = 256  # samples longer than this (in tokens) are skipped and counted
-    system_prompt: str = ""  # an empty system turn: SmolLM2's default one would add 16 tokens to each sample
-    # data: a JSON/JSONL file (LLaVA, Cauldron or chat-messages schema), a parquet file or folder, or a hub
-    # dataset id; images embedded in parquet/hub rows, or paths under image_root (a folder or images.zip)
-    data_path: str = "data/LLaVA-CC3M-Pretrain-595K/chat.json"
-    image_root: str = "data/LLaVA-CC3M-Pretrain-595K/images.zip"  # empty: images embedded in the data only
-    data_subset: str = ""  # a hub dataset's subset (configuration), e.g. "ai2d" of HuggingFaceM4/the_cauldron
-    data_split: str = "train"  # a hub dataset's split
-    val_data_path: str = ""  # held-out data like data_path (a hub id: its val_data_split); empty: val_size of it
-    val_data_split: str = "validation"
-    val_size: int = 1024
-    num_workers: int = -1  # DataLoader workers per process; -1: from this machine's cores (main.data_workers)
-    # stage: "pretrain" trains the projector; "finetune" (stage 2) trains the projector and the language model
-    stage: str = "pretrain"
-    init_from: str = ""  # a trained TinyVLM (model or run folder) to start from: stage 2 starts from stage 1
-    gradient_checkpointing: bool = False  # recompute LM activations in the backward pass: less memory
-    # optimisation (LLaVA stage 1: global batch 256, lr 1e-3, warmup 3%, cosine, one epoch)
-    # -1: 256 on CUDA (it fits a 48 GB A40 with room to spare: bench.py --parts memory), 64 elsewhere; never
-    # more than the global batch of 256 shared among the processes
-    batch_size: int = -1  # per device and micro-batch
-    grad_accum_steps: int = -1  # global batch = batch_size * grad_accum_steps * processes; -1: 256 in all
-    # packing: a step trains on the same samples, laid end to end in rows instead of padded, in micro-batches
-    # of at most max_tokens_per_batch tokens (data.pack_step); no sample sees another
-    packing: bool = False
-    max_tokens_per_batch: int = 0  # token slots in a packed micro-batch; 0: batch_size * max_length
-    pack_length: int = 0  # rows are filled up to this many tokens, longer samples get one each; 0: max_length
-    epochs: float = 1.0
-    max_steps: int = -1  # -1: as many optimizer steps as `epochs` takes
-    lr: float = 1e-3  # the projector's
-    lm_lr: float = 2e-5  # the language model's, in stage 2
-    min_lr_ratio: float = 0.0  # the schedule ends at lr * min_lr_ratio
-    warmup_steps: int = -1  # -1: 3% of lr_decay_steps
-    lr_decay_steps: int = -1  # length of the warmup + cosine schedule; -1: max_steps
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    # precision and device
-    device: str = "auto"  # auto: cuda, then mps, then cpu
-    dtype: str = "auto"  # auto: bf16 on GPUs that have it, else fp16; CPUs: bf16 with AMX or AVX512-BF16, else fp32
-    # auto: sdpa on GPUs; on CPUs sdpa_varlen with packing (model.sdpa_varlen: attention per conversation), else eager
-    attn_implementation: str = "auto"
-    compile: str = "auto"  # torch.compile the encoder, projector and LM layers: auto (CUDA only), true, false, a backend
-    check_syncs: bool = False  # raise if a step that logs nothing makes the host wait for the device (syncs.py)
-    seed: int = 1337
-    # evaluation, checkpoints, logging
-    eval_every: int = 500  # steps between validation passes; the best one is kept in <run>/best
-    save_every: int = 1000  # steps between checkpoints in <run>/checkpoint
-    sample_every: int = 500  # steps between captions of held-out images in W&B and the console; 0: never
-    num_sample_images: int = 8
-    log_every: int = 10
-    out_dir: str = "runs"
-    run_name: str = ""  # empty: stage1-<date>-<time>
-    resume: str = ""  # a run folder to continue
-    wandb_project: str = "tinyvlm"
-    wandb_mode: str = "online"  # online, offline (local files only) or disabled
-    demo: bool = False  # `main.py --demo` runs demo.py: synthetic data, SmolLM2 from PyPI, a random SigLIP
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Configuration from the command line
-
-
-def parse_bool(text: str) -> bool:
-    if as_bool(text) is None:
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return as_bool(text)
-
-
-def parse_args(argv: list[str]) -> dict:
-    """The VLMConfig fields given on the command line, typed: `--lr 1e-3`, `--lr=1e-3`, `--demo`."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for option in fields(VLMConfig):
-        if option.type is bool:
-            parser.add_argument(f"--{option.name}", type=parse_bool, nargs="?", const=True,
-                                default=argparse.SUPPRESS)
-        else:
-            parser.add_argument(f"--{option.name}", type=option.type, default=argparse.SUPPRESS)
-    return vars(parser.parse_args(argv))
 
 
 # Stage 2 as LLaVA-1.5 finetunes: llava_v1_5_mix665k, global batch 128, lr 2e-5, warmup 3%, cosine, one epoch.
@@ -137,14 +151,105 @@ def resolve_config(overrides: dict, preset: dict | None = None) -> VLMConfig:
     values = dict(FINETUNE_CONFIG) if overrides.get("stage") == "finetune" else {}
     values.update(preset or {})
     init_from = overrides.get("init_from", values.get("init_from"))
-    if init_from:
-        with open(os.path.join(find_model_folder(init_from), "config.json")) as f:
-            values.update(json.load(f))  # the architecture and prompt format are the checkpoint's
+    if init_from:  # the architecture and prompt format are the checkpoint's
+        values.update(saved_json("--init_from", lambda: os.path.join(find_model_folder(init_from), "config.json")))
     if overrides.get("resume"):
-        with open(os.path.join(resumable_checkpoint(overrides["resume"]), "training_config.json")) as f:
-            values.update(json.load(f))
+        values.update(saved_json("--resume", lambda: os.path.join(resumable_checkpoint(overrides["resume"]),
+                                                                  "training_config.json")))
     values.update(overrides)
     return VLMConfig(**{k: v for k, v in values.items() if k in VLMConfig.__dataclass_fields__})
+
+
+def saved_json(setting: str, find_path) -> dict:
+    """The JSON file that find_path() locates for a setting; a missing or unreadable one is an error that
+    names the setting."""
+    try:
+        with open(find_path()) as f:
+            return json.load(f)
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(f"{setting}: {error}") from error
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checking a config before anything loads
+
+CHOICES = {"stage": ("pretrain", "finetune"), "wandb_mode": ("online", "offline", "disabled")}
+
+
+def config_problems(cfg: VLMConfig, check_paths: bool = True) -> list[str]:
+    """Every problem with cfg that shows before data, weights or workers load, one line each: ranges, choices,
+    combinations and, with check_paths, local paths (a hub id is left to the hub)."""
+    problems = []
+
+    def need(ok: bool, name: str, what: str):
+        if not ok:
+            problems.append(f"--{name} {getattr(cfg, name)!r}: {what}")
+
+    for name in ("batch_size", "grad_accum_steps"):
+        need(getattr(cfg, name) >= 1 or getattr(cfg, name) == -1, name, "must be 1 or more, or -1 (256 a step in all)")
+    for name in ("max_length", "projector_hidden_dim", "pixel_shuffle_factor"):
+        need(getattr(cfg, name) >= 1, name, "must be 1 or more")
+    need(cfg.val_size >= 1 or bool(cfg.val_data_path), "val_size", "must be 1 or more, or pass --val_data_path")
+    for name in ("eval_every", "save_every", "sample_every", "log_every", "num_sample_images",
+                 "max_tokens_per_batch", "pack_length"):
+        need(getattr(cfg, name) >= 0, name, "must be 0 or more")
+    for name in ("max_steps", "warmup_steps", "lr_decay_steps", "num_workers"):
+        need(getattr(cfg, name) >= -1, name, "must be 0 or more, or -1 (automatic)")
+    for name in ("epochs", "lr", "lm_lr", "grad_clip"):
+        need(getattr(cfg, name) > 0, name, "must be more than 0")
+    need(cfg.weight_decay >= 0, "weight_decay", "must be 0 or more")
+    need(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", "must be between 0 and 1")
+    for name, choices in CHOICES.items():
+        need(getattr(cfg, name) in choices, name, f"must be one of {', '.join(choices)}")
+    problems += runtime_problems(cfg.device, cfg.dtype, cfg.attn_implementation)
+    try:
+        pick_compile(cfg.compile, torch.device("cpu"))
+    except ValueError as error:
+        problems.append(f"--compile {cfg.compile!r}: {error}")
+    if cfg.stage == "finetune" and not cfg.init_from and not cfg.resume:
+        problems.append("--stage finetune: needs --init_from, the stage-1 model or run folder it starts from")
+    if cfg.packing and 0 < cfg.max_tokens_per_batch < cfg.max_length:
+        need(False, "max_tokens_per_batch", f"must hold one row of --max_length {cfg.max_length} tokens")
+    if not check_paths:
+        return problems
+    for name in ("vision_model", "language_model"):
+        problems += model_folder_problems(name, getattr(cfg, name))
+    if cfg.init_from:
+        try:
+            find_model_folder(cfg.init_from)
+        except FileNotFoundError as error:
+            problems.append(f"--init_from {cfg.init_from!r}: {error}")
+    tokens = image_token_count(cfg)
+    if tokens is not None and isinstance(tokens, str):
+        need(False, "pixel_shuffle_factor", tokens)
+    elif tokens is not None:  # the chat template's turn markers around an image and a one-word answer: ~16 more
+        need(cfg.max_length > tokens + 16, "max_length", f"leaves no room for the {tokens} image tokens and a "
+             f"prompt: every sample would be skipped (at least {tokens + 17})")
+    try:
+        check_data_paths(cfg.data_path, cfg.image_root, cfg.val_data_path)
+    except FileNotFoundError as error:
+        problems.append(f"{error} (--data_path, --image_root, --val_data_path)")
+    if os.path.isfile(cfg.image_root) and not cfg.image_root.endswith(".zip"):
+        need(False, "image_root", "a file that is not a .zip: give the images' folder or their .zip")
+    return problems
+
+
+def image_token_count(cfg: VLMConfig) -> int | str | None:
+    """The image tokens per image that cfg's local vision model makes, a problem if its patch grid does not
+    divide by pixel_shuffle_factor, or None when the model is not a local folder (a hub id: known on loading)."""
+    path = os.path.join(cfg.vision_model, "config.json")
+    if not os.path.isfile(path) or cfg.pixel_shuffle_factor < 1:
+        return None
+    with open(path) as f:
+        config = json.load(f)
+    config = config.get("vision_config", config)
+    if "image_size" not in config or "patch_size" not in config:
+        return None
+    grid = config["image_size"] // config["patch_size"]
+    if grid % cfg.pixel_shuffle_factor:
+        return f"the encoder's {grid} x {grid} patches do not divide into {cfg.pixel_shuffle_factor} x " \
+               f"{cfg.pixel_shuffle_factor} blocks"
+    return (grid // cfg.pixel_shuffle_factor) ** 2
 
 
 GLOBAL_BATCH = 256  # LLaVA's stage 1
@@ -321,7 +426,7 @@ def load_data(cfg: VLMConfig, processor, log) -> tuple[LLaVADataset, LLaVADatase
         train = entries
         skipped.update({f"val {reason}": n for reason, n in val_skipped.items()})
     else:
-        (train, val), val_images = split_entries(entries, cfg.val_size, cfg.seed), images
+        (train, val), val_images = split_entries(entries, held_out_count(cfg, len(entries), log), cfg.seed), images
     if dist.is_initialized() and dist.get_rank() == 0:
         dist.barrier()
     train, too_long = without_long_samples(train, cfg.max_length)
@@ -330,10 +435,38 @@ def load_data(cfg: VLMConfig, processor, log) -> tuple[LLaVADataset, LLaVADatase
     if skipped:
         log(f"{cfg.data_path}: skipped {sum(skipped.values())} entries {dict(skipped)}, e.g. {examples}")
     if not len(train):
-        raise ValueError(f"{cfg.data_path}: no usable entries ({dict(skipped)})")
+        raise DataError(f"{cfg.data_path}: nothing to train on: every entry was skipped {dict(skipped)}; "
+                        f"{what_to_change(cfg, skipped)}")
     datasets = [LLaVADataset(train, images, processor, cfg.max_length),
                 LLaVADataset(val, val_images, processor, cfg.max_length)]
     return datasets[0], datasets[1], skipped
+
+
+def held_out_count(cfg: VLMConfig, num_entries: int, log) -> int:
+    """How many of data_path's entries to hold out for validation: val_size, or a tenth of a set too small for
+    the default val_size (a set of your own images, say). A val_size that was asked for and does not fit is an
+    error naming the setting."""
+    if cfg.val_size < num_entries:
+        return cfg.val_size
+    if num_entries < 2:
+        raise DataError(f"{cfg.data_path}: {num_entries} usable entry: too few to hold one out; pass --val_data_path")
+    if cfg.val_size != VLMConfig.val_size:
+        raise DataError(f"--val_size {cfg.val_size}: {cfg.data_path} has {num_entries} usable entries; pass a "
+                        "smaller --val_size or a --val_data_path")
+    count = max(1, num_entries // 10)
+    log(f"{cfg.data_path}: {num_entries} entries, fewer than val_size {cfg.val_size}: {count} held out for "
+        "validation (--val_size sets it)")
+    return count
+
+
+def what_to_change(cfg: VLMConfig, skipped: dict) -> str:
+    """Advice for a run whose samples are all skipped, from the reason that skipped most of them."""
+    reason = max(skipped, key=skipped.get) if skipped else ""
+    if "too long" in reason:
+        return f"raise --max_length (now {cfg.max_length}) or shorten the conversations"
+    if "image" in reason:
+        return "check --image_root (the images' folder or .zip) against the entries' image paths"
+    return "see the examples above, and --data_path"
 
 
 MODEL_INPUTS = ("input_ids", "labels", "pixels", "position_ids", "image_positions", "target_positions")
@@ -556,9 +689,15 @@ class Interval:
 
 def log_training(cfg: VLMConfig, logger, progress: Progress, interval: Interval, grad_norm: torch.Tensor,
                  lr_scale: float, skipped_entries: dict, device: torch.device) -> None:
-    """The training metrics of the steps since the last log, summed over all processes; rank 0 writes them."""
+    """The training metrics of the steps since the last log, summed over all processes; rank 0 writes them.
+    Steps that held no sample at all, in all processes, stop the run: log_every steps in a row with every
+    sample skipped means the data is broken, not unlucky, and a run that goes on would train on nothing."""
     loss, tokens, samples, seconds = interval.totals()
     skipped_loading = all_reduce_sum(progress.skipped_samples.to(device, copy=True)).tolist()
+    if samples == 0:
+        counts = {reason: int(n) for reason, n in zip(SKIPPED_WHEN_LOADED, skipped_loading) if n}
+        raise DataError(f"{cfg.data_path}: the steps up to step {progress.step} held no sample to train on, every "
+                        f"one was skipped while loading {counts}; {what_to_change(cfg, counts)}")
     metrics = {"train/loss": loss, "train/lr": cfg.lr * lr_scale, "train/grad_norm": grad_norm.item(),
                **({"train/lm_lr": cfg.lm_lr * lr_scale} if cfg.stage == "finetune" else {}),
                "train/samples_per_s": samples / seconds, "train/tokens_per_s": tokens / seconds,
@@ -740,13 +879,20 @@ def main(argv: list[str]) -> None:
         os.execv(sys.executable, [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"),
                                   *argv])
     transformers.utils.logging.disable_progress_bar()  # one bar per loaded file otherwise
-    cfg = resolve_config(overrides)
+    try:
+        cfg = resolve_config(overrides)
+    except (OSError, ValueError) as error:  # --resume or --init_from naming something unusable
+        exit_if_problems("main.py", [str(error)])
+    exit_if_problems("main.py", config_problems(cfg))  # before a minute of loading weights and data
     rank, world_size, local_rank = setup_distributed()
     device = pick_device(cfg.device, local_rank)
     dtype = pick_dtype(cfg.dtype, device)
-    check_data_paths(cfg.data_path, cfg.image_root, cfg.val_data_path)  # before a minute of loading weights
-    model = build_model(cfg, device, dtype)
-    train(cfg, model, device, dtype, rank, world_size)
+    try:
+        model = build_model(cfg, device, dtype)
+        train(cfg, model, device, dtype, rank, world_size)
+    except DataError as error:  # data found bad while loading: the message says which file and setting
+        print(f"main.py: error: {error}", file=sys.stderr)
+        sys.exit(1)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -6,6 +6,8 @@ in the chat prompt. `TinyVLM.from_config(cfg)` loads the encoders (hub ids or lo
 
 import json
 import os
+import re
+import sys
 import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -65,6 +67,50 @@ def cpu_has_bf16_matmul() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTIONS = ("auto", "eager", "sdpa", "sdpa_varlen", "flash_attention_2", "flex_attention")
+
+
+def looks_local(path: str) -> bool:
+    """Whether a model or data setting names a local path rather than a hub id (org/name)."""
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.path.exists(path)
+
+
+def model_folder_problems(setting: str, path: str) -> list[str]:
+    """What is wrong with a local model folder setting, before anything loads from it (a hub id: nothing)."""
+    if not looks_local(path):
+        return []
+    if not os.path.isdir(path):
+        return [f"--{setting} {path!r}: not found (a local folder; a hub id looks like org/name)"]
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return [f"--{setting} {path!r}: no config.json in this folder (save_pretrained writes one)"]
+    return []
+
+
+def runtime_problems(device: str, dtype: str, attention: str, checkpoint: str | None = None) -> list[str]:
+    """What is wrong with the settings every program shares (and its --checkpoint), before anything loads."""
+    problems = []
+    if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device) is None:
+        problems.append(f"--device {device!r}: must be auto, cpu, cuda, cuda:N or mps")
+    if dtype not in DTYPES:
+        problems.append(f"--dtype {dtype!r}: must be one of {', '.join(DTYPES)}")
+    if attention not in ATTENTIONS:
+        problems.append(f"--attn_implementation {attention!r}: must be one of {', '.join(ATTENTIONS)}")
+    if checkpoint is not None:
+        try:
+            find_model_folder(checkpoint)
+        except FileNotFoundError as error:
+            problems.append(f"--checkpoint {checkpoint!r}: {error}")
+    return problems
+
+
+def exit_if_problems(program: str, problems: list[str]) -> None:
+    """A program's settings problems, all of them, one line each, then exit status 2 (argparse's)."""
+    if problems:
+        print("\n".join(f"{program}: error: {problem}" for problem in problems), file=sys.stderr)
+        sys.exit(2)
 
 
 # pick_dtype's rule, for the programs' --dtype

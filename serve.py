@@ -5,6 +5,7 @@
 
 import argparse
 import os
+import signal
 import sys
 import threading
 import traceback
@@ -15,7 +16,7 @@ import transformers
 from PIL import Image
 
 from sources import IMAGE_ERRORS, IMAGE_MARKER, conversation_to_llava, to_rgb
-from model import DTYPE_HELP, TinyVLM, load_for_inference
+from model import DTYPE_HELP, TinyVLM, exit_if_problems, load_for_inference, runtime_problems
 
 MAX_IMAGE_PIXELS = 50_000_000  # a 50-megapixel photo decodes to 150 MB; larger images are refused unread
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # the default theme would fetch web fonts
@@ -144,14 +145,22 @@ def parse_args(argv):
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
+    exit_if_problems("serve.py", runtime_problems(args.device, args.dtype, args.attn_implementation, args.checkpoint))
     transformers.utils.logging.disable_progress_bar()
     model, folder, device, dtype = load_for_inference(args.checkpoint, args.device, args.dtype,
                                                      args.attn_implementation)
     print(f"serving {folder} on {device} ({dtype}) at http://{args.host}:{args.port}", file=sys.stderr)
     page = build_page(ChatServer(model, args.max_image_pixels), folder)
+    stop = threading.Event()
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):  # gradio's own wait lets Ctrl-C go unheard for seconds
+        signal.signal(stop_signal, lambda *_: stop.set())
     page.queue().launch(server_name=args.host, server_port=args.port, max_file_size=args.max_file_size,
                         theme=gr.themes.Default(font=SYSTEM_FONTS, font_mono=["ui-monospace", "monospace"]),
-                        ssr_mode=False, show_error=True)
+                        ssr_mode=False, show_error=True, prevent_thread_lock=True)
+    while not stop.wait(0.2):
+        pass
+    page.close()
+    print("stopped", file=sys.stderr)
 
 
 if __name__ == "__main__":

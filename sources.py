@@ -26,6 +26,11 @@ IGNORE_INDEX = -100  # label of a token that carries no loss
 IMAGE_MARKER = "<image>"  # where LLaVA data puts the image in a human turn
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # LLaVA's speakers -> chat roles
 LLAVA_ROLES = {role: speaker for speaker, role in ROLES.items()}  # chat roles -> LLaVA's speakers
+class DataError(ValueError):
+    """Data found bad while it loads (a file that is not what its setting says it is): the message names the
+    file and the setting; the programs print it and exit with status 1, without a traceback."""
+
+
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # PIL's on a bad image file
 CACHE_FORMAT = 1  # bump when a cache's layout changes: old caches are then rebuilt
 
@@ -195,7 +200,10 @@ def zip_index(path: str) -> dict:
         one_folder = len(top_folders) == 1 and all("/" in n for n in names)
         return {"prefix": top_folders.pop() + "/" if one_folder else "", "members": len(infos)}
 
-    files, meta = cached([path], "zipindex", ("hashes.npy", "members.npy"), build)
+    try:
+        files, meta = cached([path], "zipindex", ("hashes.npy", "members.npy"), build)
+    except zipfile.BadZipFile as error:
+        raise DataError(f"{path} (--image_root): not a readable zip file ({error})") from error
     return {"hashes": np.load(files["hashes.npy"], mmap_mode="r"), "prefix": meta["prefix"],
             "members": np.load(files["members.npy"], mmap_mode="r")}
 
@@ -245,7 +253,7 @@ def iter_json_entries(path: str):
             elif text[position:position + 1] != "]":
                 raise ValueError(f"expected , or ] at character {position}")
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read LLaVA data file {path}: {error}") from error
+        raise DataError(f"cannot read the data file {path}: {error}") from error
 
 
 def skip_space(text: str, position: int) -> int:
@@ -677,8 +685,12 @@ def load_hf_dataset(data_path: str, subset: str = "", split: str = "train"):
         glob.glob(os.path.join(data_path, "**", "*.parquet"), recursive=True))
     if not files:
         raise FileNotFoundError(f"no parquet files in {data_path}")
-    return datasets.load_dataset("parquet", data_files=files, split="train",
-                                 cache_dir=os.path.join(cache_folder(files[0]), "datasets"))
+    try:
+        return datasets.load_dataset("parquet", data_files=files, split="train",
+                                     cache_dir=os.path.join(cache_folder(files[0]), "datasets"))
+    except Exception as error:  # pyarrow's and datasets' many kinds of "not a parquet file"
+        raise DataError(f"{data_path} (--data_path): not readable as parquet ({type(error).__name__}: {error})") \
+            from error
 
 
 def open_data(data_path: str, image_root: str, require_image: bool, subset: str = "", split: str = "train"):

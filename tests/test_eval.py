@@ -8,12 +8,14 @@ import os
 import shutil
 
 import pytest
+import torch
 from datasets import Dataset, Features, Image as ImageFeature, Value
 from PIL import Image
 
 import eval as benchmarks
 from eval import (binary_metrics, caption_metrics, extract_choice, mmstar_options, normalize_vqa_answer,
                   pope_yes_no, vqa_accuracy)
+from model import pick_dtype
 
 
 def png(colour=(255, 0, 0), size=(32, 24)) -> bytes:
@@ -236,6 +238,8 @@ def test_eval_script_runs_every_task_and_writes_results(tiny_model, tmp_path, mm
         "--wandb_mode", "offline"])
     saved = json.loads(output.read_text())
     assert saved["results"] == json.loads(json.dumps(results))
+    auto = pick_dtype("auto", torch.device("cpu"))  # what eval.py's defaults ran with, saved beside the results
+    assert saved["device"] == "cpu" and saved["dtype"] == str(auto).removeprefix("torch.")
     assert {task: len(p) for task, p in saved["predictions"].items()} == \
         {"shapes": 18, "coco": 3, "mmstar": 3, "pope": 4, "vqav2": 2}
     assert results["mmstar"]["n"] == 3 and results["pope"]["all"]["n"] == 4 and "CIDEr" in results["coco"]

@@ -1,7 +1,9 @@
 """serve.py: the chat page's handlers as plain functions, and the page itself in a real (headless) browser."""
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -158,9 +160,16 @@ def free_port() -> int:
 @pytest.fixture
 def served_page(scripted_checkpoint, tmp_path):
     """serve.py in its own process on a free local port; stopped however the test ends."""
+    with serving(scripted_checkpoint, tmp_path) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def serving(checkpoint: str, tmp_path):
+    """serve.py in its own process on a free local port, answering: its URL and process."""
     port, log = free_port(), open(tmp_path / "serve.log", "w")
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
-    process = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", scripted_checkpoint, "--port", str(port),
+    process = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", checkpoint, "--port", str(port),
                                 "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         url = f"http://127.0.0.1:{port}/"
@@ -173,7 +182,7 @@ def served_page(scripted_checkpoint, tmp_path):
                 break
             except OSError:
                 time.sleep(0.5)
-        yield url
+        yield url, process
     finally:
         process.terminate()
         try:
@@ -231,3 +240,13 @@ def test_the_page_streams_an_answer_about_an_uploaded_image_in_a_real_browser(se
         browser.quit()
     growing = [text for text in seen if final.startswith(text)]  # not Gradio's "Loading content" placeholder
     assert len(growing) >= 3 and growing == sorted(growing, key=len)  # it grew in the page, piece by piece
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_server(scripted_checkpoint, tmp_path):
+    with serving(scripted_checkpoint, tmp_path) as (url, process):
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=15)  # a server that ignores Ctrl-C fails here
+        assert process.returncode == 0, (tmp_path / "serve.log").read_text()
+        with pytest.raises(OSError):
+            urllib.request.urlopen(url, timeout=2)

@@ -403,16 +403,20 @@ def test_an_image_folder_never_reads_outside_its_root(image_folder, tmp_path):
 # -- fail fast -----------------------------------------------------------------------------------------------
 
 
-def test_missing_data_is_reported_before_any_model_loads(tiny_config, monkeypatch, tmp_path):
+def test_missing_data_is_reported_before_any_model_loads(tiny_config, monkeypatch, tmp_path, capsys):
     import main
 
     monkeypatch.setattr(main, "build_model", lambda *args: pytest.fail("the model was loaded first"))
     arguments = ["--vision_model", tiny_config.vision_model, "--language_model", tiny_config.language_model,
                  "--device", "cpu", "--wandb_mode", "disabled"]
-    with pytest.raises(FileNotFoundError, match="nowhere.json"):
-        main.main(arguments + ["--data_path", str(tmp_path / "nowhere.json"), "--image_root", tiny_config.image_root])
-    with pytest.raises(FileNotFoundError, match="no_images"):
-        main.main(arguments + ["--data_path", tiny_config.data_path, "--image_root", str(tmp_path / "no_images")])
+    nowhere, no_images = str(tmp_path / "nowhere.json"), str(tmp_path / "no_images")
+    for flags, message in ((["--data_path", nowhere, "--image_root", tiny_config.image_root],
+                            f"data file not found or not readable: {nowhere}"),
+                           (["--data_path", tiny_config.data_path, "--image_root", no_images],
+                            f"image_root not found or not readable: {no_images}")):
+        with pytest.raises(SystemExit) as stopped:
+            main.main(arguments + flags)
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_a_hub_id_passes_the_start_up_check_and_a_bad_local_path_does_not(tmp_path):
