@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from sources import IMAGE_ERRORS, decode_image, first_answer, first_question, load_llava_json, open_image_source
-from model import DTYPE_HELP, autocast, exit_if_problems, load_for_inference, runtime_problems
+from model import HelpFormatter, add_runtime_arguments, autocast, exit_if_problems, load_for_inference, runtime_problems
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_PROMPT = "Describe the image concisely."
@@ -93,7 +93,7 @@ def write_predictions(jobs: list[dict], path: str) -> None:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a model folder, or a run folder (its best/)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", nargs="+", help="image files or folders of images")
@@ -102,14 +102,12 @@ def parse_args(argv):
     parser.add_argument("--prompt", help=f"the question for every image (default for --image: {DEFAULT_PROMPT!r}; "
                                          "for --data: each entry's own first question)")
     parser.add_argument("--output", help="write predictions here (.json or .jsonl)")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="the longest answer, in tokens")
     parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", help=DTYPE_HELP)
-    parser.add_argument("--attn_implementation", default="auto", help="auto: sdpa on GPUs, eager on CPUs")
+    parser.add_argument("--temperature", type=float, default=1.0, help="for --do_sample")
+    parser.add_argument("--top_p", type=float, default=1.0, help="for --do_sample: nucleus sampling")
+    parser.add_argument("--batch_size", type=int, default=16, help="prompts answered together")
+    add_runtime_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="for --do_sample")
     args = parser.parse_args(argv)
     if args.data and not args.image_root:

@@ -4,6 +4,7 @@ in the chat prompt. `TinyVLM.from_config(cfg)` loads the encoders (hub ids or lo
 `save_pretrained` / `from_pretrained` keep a trained model in a folder (safetensors + config.json).
 """
 
+import argparse
 import json
 import os
 import re
@@ -115,6 +116,17 @@ def exit_if_problems(program: str, problems: list[str]) -> None:
 
 # pick_dtype's rule, for the programs' --dtype
 DTYPE_HELP = "auto: bfloat16 on GPUs that have it, else float16; on CPUs bfloat16 with AMX or AVX512-BF16, else float32"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The programs' --help: their docstring as written, and every option's default."""
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device, --dtype and --attn_implementation, as every program that runs a model takes them."""
+    parser.add_argument("--device", default="auto", help="auto: cuda, then mps, then cpu")
+    parser.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    parser.add_argument("--attn_implementation", default="auto", help="auto: sdpa on GPUs, eager on CPUs")
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

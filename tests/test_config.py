@@ -131,19 +131,46 @@ def test_automatic_micro_batches_train_on_samples(tiny_config, capsys):
     assert logged and logged[0]["train/loss"] > 0 and logged[0]["train/samples_per_s"] > 0
 
 
+def option_helps(text: str) -> dict[str, str]:
+    """--help's options and their help text (wrapped lines joined)."""
+    helps, flag = {}, None
+    for line in text.split("options:")[1].splitlines():
+        if line.startswith("  --"):
+            flag = line.split()[0]
+            helps[flag] = " ".join(line.split()[2:])
+        elif flag and line.startswith("      "):
+            helps[flag] += " " + line.strip()
+    return helps
+
+
+@pytest.mark.parametrize("program", ["generate", "serve", "eval"])
+def test_every_option_of_the_other_programs_has_help_and_a_default(program, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        __import__(program).parse_args(["--help"])
+    helps = option_helps(capsys.readouterr().out)
+    assert "--checkpoint" in helps and "--dtype" in helps
+    assert all("(default: " in text and len(text.split("(default: ")[0]) > 5 for text in helps.values()), helps
+
+
+def test_the_programs_check_their_shared_settings_before_loading(capsys, tmp_path):
+    import generate
+
+    with pytest.raises(SystemExit) as stopped:
+        generate.main(["--checkpoint", str(tmp_path), "--image", "a.jpg", "--dtype", "float64", "--device", "tpu"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and len(err.splitlines()) == 3, err
+    assert all(line.startswith("generate.py: error: ") for line in err.splitlines())
+    assert "--dtype 'float64'" in err and "--device 'tpu'" in err and f"--checkpoint '{tmp_path}': no TinyVLM" in err
+
+
 def test_help_answers_at_once_with_a_line_and_the_default_of_every_flag():
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "main.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                             timeout=60, env=dict(os.environ, COLUMNS="200"))
     seconds = time.perf_counter() - start
     assert result.returncode == 0
-    helps, flag = {}, None
-    for line in result.stdout.split("options:")[1].splitlines():
-        if line.startswith("  --"):
-            flag = line.split()[0]
-            helps[flag] = " ".join(line.split()[2:])
-        elif flag and line.startswith("      "):
-            helps[flag] += " " + line.strip()
+    helps = option_helps(result.stdout)
     assert set(helps) == {f"--{f.name}" for f in dataclasses.fields(VLMConfig)}
     assert all(len(text.split("(default: ")[0]) > 10 and "(default: " in text for text in helps.values()), helps
     loaded = subprocess.run([sys.executable, "-c", "import json, runpy, sys; sys.argv = ['main.py', '--help']\n"
