@@ -41,8 +41,8 @@ class Processor:
         self.image_token, self.num_image_tokens = image_token, num_image_tokens
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.image_placeholder = image_token * num_image_tokens
-        self.end_of_turn = tokenizer.eos_token  # SmolLM2-Instruct: <|im_end|>, the end of every turn
-        self.end_of_turn_id = tokenizer.eos_token_id
+        self.end_of_turn = self.template_end_of_turn()  # a target: the model learns to end its answers
+        self.end_of_turn_id = tokenizer.convert_tokens_to_ids(self.end_of_turn)  # generation stops at it
         size = image_settings["size"]
         if "height" not in size or "width" not in size:
             raise ValueError(f"preprocessor config: expected size with height and width, got {size}")
@@ -52,6 +52,23 @@ class Processor:
         normalize = image_settings.get("do_normalize", True)
         self.image_mean = image_settings["image_mean"] if normalize else [0.0, 0.0, 0.0]
         self.image_std = image_settings["image_std"] if normalize else [1.0, 1.0, 1.0]
+
+    def template_end_of_turn(self) -> str:
+        """The token the chat template writes right after an assistant turn's content: SmolLM2's and Qwen's
+        <|im_end|>, Gemma's <end_of_turn>, Llama 3's <|eot_id|>; not always the tokenizer's eos_token. Found by
+        rendering a one-word answer."""
+        question = [{"role": "user", "content": "Hi."}]
+        prompt = self.render(question, add_generation_prompt=True)
+        whole = self.render(question + [{"role": "assistant", "content": "Hello."}], add_generation_prompt=False)
+        if not whole.startswith(prompt + "Hello."):
+            raise ValueError("the chat template does not render an assistant turn as <generation prompt><content>"
+                             "...; cannot mask labels")
+        after = self.tokenizer(whole[len(prompt + "Hello."):], add_special_tokens=False)["input_ids"]
+        special = set(self.tokenizer.all_special_ids) | set(self.tokenizer.added_tokens_decoder)
+        if not after or after[0] not in special:
+            raise ValueError("the chat template ends an assistant turn with no special token; cannot teach the model "
+                             "to stop")
+        return self.tokenizer.convert_ids_to_tokens(after[0])
 
     def image_to_pixels(self, image: Image.Image) -> torch.Tensor:
         """An image resized for the encoder, as uint8 (3, H, W). The resize is torch's antialiased bilinear

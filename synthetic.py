@@ -11,7 +11,8 @@ import zipfile
 
 import torch
 from PIL import Image, ImageDraw
-from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+                          SiglipVisionConfig, SiglipVisionModel)
 
 from model import SIGLIP_PREPROCESSING, ModelConfig, TinyVLM
 
@@ -33,6 +34,48 @@ TINY_LM = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidd
 def language_model_config(tokenizer, tiny: bool, **overrides) -> LlamaConfig:
     return LlamaConfig(**(TINY_LM if tiny else SMOLLM2_135M), bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **overrides)
+
+
+# Chat LM families, tiny and random, each with its own turn format: written here in each family's layout (the
+# real templates carry more: tools, reasoning), on SmolLM2's vocabulary with the family's turn tokens added.
+# The Llama 3 and Gemma formats end a turn with a token that is not the tokenizer's eos_token.
+LLAMA3_TEMPLATE = ("<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                   "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+                   "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+GEMMA_TEMPLATE = ("<bos>{% set ns = namespace(system='') %}{% for m in messages %}{% if m['role'] == 'system' %}"
+                  "{% set ns.system = m['content'] + '\n\n' if m['content'] else '' %}{% else %}<start_of_turn>"
+                  "{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+                  "{{ ns.system if loop.index0 == 1 and ns.system else '' }}{{ m['content'] | trim }}<end_of_turn>\n"
+                  "{% endif %}{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+LM_FAMILIES = {  # name: (transformers model_type, config overrides, chat template or None for SmolLM2's, tokens)
+    "smollm2": ("llama", {}, None, []),
+    "llama3": ("llama", {}, LLAMA3_TEMPLATE, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                                              "<|eot_id|>"]),
+    "qwen2": ("qwen2", {}, None, []),
+    "qwen3": ("qwen3", {"head_dim": 16}, None, []),
+    "gemma3": ("gemma3_text", {"head_dim": 16, "sliding_window": 512, "query_pre_attn_scalar": 16}, GEMMA_TEMPLATE,
+               ["<bos>", "<start_of_turn>", "<end_of_turn>"]),
+}
+END_OF_TURN = {"smollm2": "<|im_end|>", "llama3": "<|eot_id|>", "qwen2": "<|im_end|>", "qwen3": "<|im_end|>",
+               "gemma3": "<end_of_turn>"}
+
+
+def family_language_model(folder: str, family: str) -> str:
+    """A tiny random causal LM of a family with its tokenizer and chat template, saved for from_pretrained."""
+    model_type, overrides, template, tokens = LM_FAMILIES[family]
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    if tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": tokens})
+        tokenizer.eos_token = "<|endoftext|>"  # not the end of a turn, as in these families
+    if template:
+        tokenizer.chat_template = template
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **{**TINY_LM, "vocab_size": len(tokenizer), **overrides},
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(f"{folder}/{family}")
+    tokenizer.save_pretrained(f"{folder}/{family}")
+    return f"{folder}/{family}"
 
 
 def vision_config(tiny: bool, image_size: int = 224, **overrides) -> SiglipVisionConfig:

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from main import VLMConfig, build_model, command_line, train
+from main import VLMConfig, build_model, command_line, forward_backward, train
 from model import pick_dtype
 
 CPU = torch.device("cpu")
@@ -26,6 +26,13 @@ def run(cfg: VLMConfig) -> str:
     device = torch.device(cfg.device if cfg.device != "auto" else "cpu")
     dtype = pick_dtype(cfg.dtype, device)
     return train(cfg, build_model(cfg, device, dtype), device, dtype)
+
+
+def gradient(model, micro_batches: list) -> torch.Tensor:
+    """The gradient of the trained weights that one step of these micro-batches gives, flattened."""
+    model.zero_grad()
+    forward_backward(model, micro_batches, CPU, torch.float32, torch.amp.GradScaler("cpu", enabled=False))
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
 def metrics(run_dir: str) -> list[dict]:

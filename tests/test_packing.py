@@ -13,8 +13,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward as s
 
 from data import LLaVADataset, collate, model_positions, pack_rows, pack_step, packed_batch
 from sources import open_image_source
-from main import build_model, forward_backward
-from helpers import CPU, assert_same_updates, checkpoint_weights, initial_weights, run, straight_and_resumed, torchrun
+from main import build_model
+from helpers import (CPU, assert_same_updates, checkpoint_weights, gradient, initial_weights, run, straight_and_resumed,
+                     torchrun)
 
 
 def conversations(cfg, model, count: int) -> list[dict]:
@@ -47,13 +48,7 @@ def packed_spans(rows: list[list[int]], lengths: list[int]) -> dict:
     return spans
 
 
-def gradients(model, micro_batches: list) -> torch.Tensor:
-    model.zero_grad()
-    forward_backward(model, micro_batches, CPU, torch.float32, torch.amp.GradScaler("cpu", enabled=False))
-    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-
-
-def test_packed_and_padded_batches_give_the_same_token_losses_and_gradients(finetune_config):
+def test_packed_and_padded_batches_give_the_same_token_losses_and_gradient(finetune_config):
     model = build_model(finetune_config, CPU, torch.float32)
     samples = conversations(finetune_config, model, 12)
     lengths = [len(s["input_ids"]) for s in samples]
@@ -69,8 +64,8 @@ def test_packed_and_padded_batches_give_the_same_token_losses_and_gradients(fine
         torch.testing.assert_close(packed_losses[r, start:start + lengths[i] - 1],
                                    padded_losses[i, :lengths[i] - 1], rtol=1e-4, atol=1e-5)
     # the same gradients, projector and language model, whether padded in two micro-batches or packed in one
-    padded_gradient = gradients(model, [collate(samples[:6], pad), collate(samples[6:], pad)])
-    packed_gradient = gradients(model, pack_step(samples, finetune_config.max_length,
+    padded_gradient = gradient(model, [collate(samples[:6], pad), collate(samples[6:], pad)])
+    packed_gradient = gradient(model, pack_step(samples, finetune_config.max_length,
                                                  2 * finetune_config.max_length, pad))
     # float noise only: torch 2.11 rounds a few of 3.2M near-zero entries 6e-6 apart
     torch.testing.assert_close(packed_gradient, padded_gradient, rtol=1e-4, atol=1e-5)
@@ -78,7 +73,7 @@ def test_packed_and_padded_batches_give_the_same_token_losses_and_gradients(fine
     short_rows = pack_step(samples, finetune_config.max_length, 2 * finetune_config.max_length, pad,
                            fill_length=sorted(lengths)[len(lengths) // 2])
     assert len({b["input_ids"].shape[1] for b in short_rows}) > 1
-    torch.testing.assert_close(gradients(model, short_rows), padded_gradient, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gradient(model, short_rows), padded_gradient, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa", "sdpa_varlen"])

@@ -13,27 +13,20 @@ import zipfile
 
 import pytest
 import torch
-from helpers import (CPU, ROOT, assert_same_updates, checkpoint_weights, initial_weights, losses, metrics, run, samples,
+from helpers import (CPU, ROOT, assert_same_updates, checkpoint_weights, gradient, initial_weights, losses, metrics, run,
+                     samples,
                      straight_and_resumed)
 
 from data import collate, padded_step
-from main import (VLMConfig, build_model, checkpoint_folder, command_line, data_workers, forward_backward,
-                  load_training_state, lr_factor, main, parse_args, resolve_config, save_atomically, train,
-                  with_micro_batches)
-
-
-def accumulated_gradient(model, micro_batches: list) -> torch.Tensor:
-    model.zero_grad()
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    forward_backward(model, micro_batches, CPU, torch.float32, scaler)
-    return torch.cat([p.grad.flatten() for p in model.projector.parameters()])
+from main import (VLMConfig, build_model, checkpoint_folder, command_line, data_workers, load_training_state, lr_factor,
+                  main, parse_args, resolve_config, save_atomically, train, with_micro_batches)
 
 
 def test_gradient_accumulation_weighs_every_target_token_the_same(tiny_model):
     data = samples(tiny_model, 8)
     pad = tiny_model.processor.tokenizer.pad_token_id
-    one_batch = accumulated_gradient(tiny_model, [collate(data, pad)])
-    four_micro_batches = accumulated_gradient(tiny_model, [collate(data[i:i + 2], pad) for i in range(0, 8, 2)])
+    one_batch = gradient(tiny_model, [collate(data, pad)])
+    four_micro_batches = gradient(tiny_model, [collate(data[i:i + 2], pad) for i in range(0, 8, 2)])
     # equal up to float summation order (a per-micro-batch mean would be off by far more)
     torch.testing.assert_close(four_micro_batches, one_batch, rtol=1e-4, atol=1e-4 * one_batch.abs().max().item())
     # a per-micro-batch mean would weigh the short captions' tokens more: make sure the test can tell
@@ -45,11 +38,11 @@ def test_a_step_cut_by_length_has_the_gradient_of_the_whole_step_with_less_paddi
     data = samples(tiny_model, 8)
     data = [data[i] for i in (5, 0, 7, 2, 4, 1, 6, 3)]  # lengths out of order, as a shuffled stream gives them
     pad, image = tiny_model.processor.tokenizer.pad_token_id, tiny_model.image_token_id
-    whole = accumulated_gradient(tiny_model, [collate(data, pad, image)])
+    whole = gradient(tiny_model, [collate(data, pad, image)])
     by_length = padded_step(data + [{"skipped": "too long"}], 2, pad, image)
     widths = [b["input_ids"].shape[1] for b in by_length]
     assert len(by_length) == 4 and widths == sorted(widths, reverse=True) and by_length[0]["skipped"]
-    torch.testing.assert_close(accumulated_gradient(tiny_model, by_length), whole, rtol=1e-4,
+    torch.testing.assert_close(gradient(tiny_model, by_length), whole, rtol=1e-4,
                                atol=1e-4 * whole.abs().max().item())
     in_stream_order = [collate(data[i:i + 2], pad, image) for i in range(0, 8, 2)]
     assert sum(b["input_ids"].numel() for b in by_length) < sum(b["input_ids"].numel() for b in in_stream_order)

@@ -1,0 +1,62 @@
+"""Chat LMs of several families (tiny and random, each with its family's turn format): the end of an assistant
+turn comes from the chat template, not the tokenizer's eos_token, and each family trains, resumes exactly,
+packs like it pads, and generates until the end of its turn."""
+
+import dataclasses
+
+import pytest
+import torch
+from helpers import CPU, checkpoint_weights, gradient, samples, straight_and_resumed
+
+import synthetic
+from data import collate, pack_step
+from main import build_model
+from model import TinyVLM, find_model_folder
+from sources import IGNORE_INDEX
+
+FAMILIES = list(synthetic.LM_FAMILIES)
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory) -> dict:
+    folder = str(tmp_path_factory.mktemp("families"))
+    return {family: synthetic.family_language_model(folder, family) for family in FAMILIES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_targets_are_each_answer_and_the_end_of_turn_its_template_writes(family, family_models, tiny_config):
+    model = build_model(dataclasses.replace(tiny_config, language_model=family_models[family]), CPU, torch.float32)
+    processor = model.processor
+    assert processor.end_of_turn == synthetic.END_OF_TURN[family]
+    assert processor.end_of_turn_id == processor.tokenizer.convert_tokens_to_ids(synthetic.END_OF_TURN[family])
+    turns = [{"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": "A red circle."},
+             {"from": "human", "value": "And the colour?"}, {"from": "gpt", "value": "Red."}]
+    ids, labels = processor.encode_llava(turns)
+    targets = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+    end = synthetic.END_OF_TURN[family]
+    assert processor.tokenizer.decode(targets) == f"A red circle.{end}Red.{end}"
+    assert ids.count(model.image_token_id) == model.num_image_tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES[1:])  # SmolLM2's: the rest of the suite
+def test_each_family_trains_resumes_exactly_packs_like_it_pads_and_stops_at_its_end_of_turn(
+        family, family_models, tiny_config, monkeypatch):
+    cfg = dataclasses.replace(tiny_config, language_model=family_models[family], max_steps=4, lr_decay_steps=4)
+    straight, resumed = straight_and_resumed(cfg, first_steps=2)
+    a, b = checkpoint_weights(straight), checkpoint_weights(resumed)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+    model = build_model(dataclasses.replace(cfg, stage="finetune"), CPU, torch.float32)  # the LM trains too
+    data, pad = samples(model, 6), model.processor.tokenizer.pad_token_id
+    padded = gradient(model, [collate(data[:3], pad, model.image_token_id), collate(data[3:], pad, model.image_token_id)])
+    packed = gradient(model, pack_step(data, cfg.max_length, 2 * cfg.max_length, pad, image_token_id=model.image_token_id))
+    torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-4 * padded.abs().max().item())
+
+    trained = TinyVLM.from_pretrained(find_model_folder(resumed))
+    stops = []
+    generate = trained.lm.generate
+    monkeypatch.setattr(trained.lm, "generate", lambda **kw: stops.append(kw["eos_token_id"]) or generate(**kw))
+    image = synthetic.Image.new("RGB", trained.processor.image_size, "red")
+    answer = trained.generate([image], "Describe it.", max_new_tokens=4)
+    assert stops == [trained.processor.end_of_turn_id] and isinstance(answer[0], str)
