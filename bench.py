@@ -88,11 +88,13 @@ def flops_per_sample(model: TinyVLM, tokens: float, targets: float) -> dict:
     """
     vision_config = model.vision.config
     transformer = getattr(model.vision.model, "vision_model", model.vision.model)
-    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    # the encoder's positions: its patches at the processor's image size, and any class token and registers
+    patches = (model.processor.image_size[0] // vision_config.patch_size) ** 2 + model.vision.prefix_tokens
     layers = model.vision.layers
     layer_params = sum(p.numel() for p in layers.parameters())
     vision_flops = 2 * layer_params * patches + 4 * len(layers) * patches**2 * vision_config.hidden_size
-    vision_flops += 2 * sum(p.numel() for p in transformer.embeddings.patch_embedding.parameters()) * patches
+    patch_embedding = next(m for m in transformer.embeddings.modules() if isinstance(m, torch.nn.Conv2d))
+    vision_flops += 2 * sum(p.numel() for p in patch_embedding.parameters()) * patches
     projector = model.projector
     projector_params = sum(p.numel() for p in projector.parameters())
     image_tokens = model.num_image_tokens

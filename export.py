@@ -134,6 +134,9 @@ def aya_processor(model: TinyVLM) -> AyaVisionProcessor:
 
 def export(model: TinyVLM, folder: str, dtype: torch.dtype = torch.float32) -> dict:
     """Write `model` to folder as an AyaVision model with its processor; returns the files and their sizes."""
+    if model.vision.config.model_type != "siglip_vision_model" or model.processor.shortest_edge:
+        raise ValueError(f"export.py writes SigLIP-family encoders (as AyaVision prepares images: resized, not "
+                         f"cropped, no class token); this one is {model.vision.config.model_type}")
     if model.processor.image_size[0] != model.processor.image_size[1]:
         raise ValueError(f"AyaVision takes square images; this encoder takes {model.processor.image_size}")
     config = aya_config(model)

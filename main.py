@@ -128,11 +128,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import LLaVADataset, SKIPPED_WHEN_LOADED, StreamSampler, collate, pack_step, padded_step, start_worker
+from data import (SKIPPED_WHEN_LOADED, LLaVADataset, StreamSampler, collate, encoder_image_size, pack_step, padded_step,
+                  start_worker)
 from sources import (IGNORE_INDEX, IMAGE_ERRORS, DataError, check_data_paths, decode_image, first_answer, first_question,
                      open_data, split_entries, tokenize, without_long_samples)
 from model import (ModelConfig, TinyVLM, autocast, exit_if_problems, find_model_folder, model_folder_problems,
-                   pick_attention, pick_compile, pick_device, pick_dtype, runtime_problems)
+                   image_token_count, pick_attention, pick_compile, pick_device, pick_dtype,
+                   runtime_problems)
 from syncs import no_syncs
 
 
@@ -219,9 +221,10 @@ def config_problems(cfg: VLMConfig, check_paths: bool = True) -> list[str]:
             find_model_folder(cfg.init_from)
         except FileNotFoundError as error:
             problems.append(f"--init_from {cfg.init_from!r}: {error}")
-    tokens = image_token_count(cfg)
-    if tokens is not None and isinstance(tokens, str):
-        need(False, "pixel_shuffle_factor", tokens)
+    tokens = local_image_tokens(cfg)
+    if isinstance(tokens, str):  # the grid and the factor do not fit (model.image_token_count's words)
+        problems.append(f"--{tokens}" if tokens.startswith("pixel_shuffle_factor") else
+                        f"--vision_model {cfg.vision_model!r}: {tokens}")
     elif tokens is not None:  # the chat template's turn markers around an image and a one-word answer: ~16 more
         need(cfg.max_length > tokens + 16, "max_length", f"leaves no room for the {tokens} image tokens and a "
              f"prompt: every sample would be skipped (at least {tokens + 17})")
@@ -234,22 +237,21 @@ def config_problems(cfg: VLMConfig, check_paths: bool = True) -> list[str]:
     return problems
 
 
-def image_token_count(cfg: VLMConfig) -> int | str | None:
-    """The image tokens per image that cfg's local vision model makes, a problem if its patch grid does not
-    divide by pixel_shuffle_factor, or None when the model is not a local folder (a hub id: known on loading)."""
-    path = os.path.join(cfg.vision_model, "config.json")
-    if not os.path.isfile(path) or cfg.pixel_shuffle_factor < 1:
+def local_image_tokens(cfg: VLMConfig) -> int | str | None:
+    """The image tokens per image that cfg's local vision model makes, a problem if its patch grid does not fit
+    pixel_shuffle_factor, or None when the model is not a local folder (a hub id: known on loading)."""
+    config_path, preprocessing_path = (os.path.join(cfg.vision_model, name)
+                                       for name in ("config.json", "preprocessor_config.json"))
+    if not (os.path.isfile(config_path) and os.path.isfile(preprocessing_path)) or cfg.pixel_shuffle_factor < 1:
         return None
-    with open(path) as f:
-        config = json.load(f)
+    with open(config_path) as f, open(preprocessing_path) as g:
+        config, preprocessing = json.load(f), json.load(g)
     config = config.get("vision_config", config)
-    if "image_size" not in config or "patch_size" not in config:
-        return None
-    grid = config["image_size"] // config["patch_size"]
-    if grid % cfg.pixel_shuffle_factor:
-        return f"the encoder's {grid} x {grid} patches do not divide into {cfg.pixel_shuffle_factor} x " \
-               f"{cfg.pixel_shuffle_factor} blocks"
-    return (grid // cfg.pixel_shuffle_factor) ** 2
+    try:
+        return image_token_count(encoder_image_size(preprocessing), config["patch_size"],
+                                       cfg.pixel_shuffle_factor)
+    except (KeyError, ValueError) as error:
+        return str(error)
 
 
 GLOBAL_BATCH = 256  # LLaVA's stage 1

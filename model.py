@@ -17,13 +17,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import (AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM, AutoTokenizer,
-                          SiglipVisionModel, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer)
+from transformers import (AttentionInterface, AttentionMaskInterface, AutoConfig, AutoModel, AutoModelForCausalLM,
+                          AutoTokenizer, CLIPVisionModel, SiglipVisionModel, StoppingCriteria, StoppingCriteriaList,
+                          TextIteratorStreamer)
 from transformers.image_processing_utils import ImageProcessingMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from data import Processor, collate, model_positions
+from data import Processor, collate, encoder_image_size, model_positions
 from sources import IGNORE_INDEX
 
 
@@ -247,19 +248,25 @@ class Projector(nn.Module):
 
 class VisionEncoder(nn.Module):
     """The frozen vision encoder with its own preprocessing: uint8 images in, the feature layer's patch
-    features out, (N, 3, H, W) -> (N, S*S, D). The layers after the feature layer are dropped, and so are
-    SigLIP's post-layernorm and pooling head (their outputs are not the feature layer's), so nothing is
-    computed for nothing. Rescaling and normalising happen here, on the device, inside the compiled region
-    (one fused kernel instead of five passes over the batch's pixels)."""
+    features out, (N, 3, H, W) -> (N, S*S, D). The layers after the feature layer are dropped, and so are the
+    final norms and pooling heads (SigLIP's post-layernorm and head, DINOv2's layernorm: their outputs are not
+    the feature layer's), so nothing is computed for nothing; the class token and registers (CLIP, DINOv2)
+    are dropped from the output. Rescaling and normalising happen here, on the device, inside the compiled
+    region (one fused kernel instead of five passes over the batch's pixels)."""
 
     def __init__(self, model: nn.Module, feature_layer: int, rescale_factor: float, mean: list, std: list):
         super().__init__()
-        transformer = getattr(model, "vision_model", model)  # transformers < 5.20 wraps it in vision_model
+        transformer = getattr(model, "vision_model", model)  # SigLIP before transformers 5.20, CLIP: wrapped
         keep_vision_layers(transformer.encoder, feature_layer)
-        transformer.post_layernorm = nn.Identity()
+        for final_norm in ("post_layernorm", "layernorm"):  # SigLIP's and CLIP's; DINOv2's
+            if hasattr(transformer, final_norm):
+                setattr(transformer, final_norm, nn.Identity())
         if getattr(transformer, "use_head", False):
             transformer.use_head = False
             del transformer.head
+        # tokens before the patches: CLIP's and DINOv2's class token, DINOv2's registers; SigLIP has none
+        self.prefix_tokens = int(model.config.model_type != "siglip_vision_model") + getattr(
+            model.config, "num_register_tokens", 0)
         self.model = model.eval().requires_grad_(False)
         self.config = model.config
         # x * scale + shift == (x * rescale_factor - mean) / std, per channel
@@ -272,22 +279,57 @@ class VisionEncoder(nn.Module):
 
     @property
     def layers(self) -> nn.ModuleList:
-        return getattr(self.model, "vision_model", self.model).encoder.layers
+        return encoder_layers(getattr(self.model, "vision_model", self.model).encoder)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             x = (pixels.float() * self.scale + self.shift).to(self.dtype)  # (N, 3, H, W)
-            return self.model(pixel_values=x).last_hidden_state  # (N, S*S, D): the feature layer's output
+            hidden = self.model(pixel_values=x).last_hidden_state  # (N, prefix + S*S, D): the feature layer's
+            return hidden[:, self.prefix_tokens:]  # (N, S*S, D)
+
+
+# A checkpoint of a whole CLIP or SigLIP (image and text towers) loads as its vision tower alone
+VISION_TOWERS = {"siglip": SiglipVisionModel, "clip": CLIPVisionModel}
+
+
+def load_vision_model(path: str, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
+    """The vision encoder of a hub id or folder, through transformers' auto classes: SigLIP and SigLIP 2 at a
+    fixed resolution, CLIP's vision tower, DINOv2 (with or without registers), or any encoder with a patch grid."""
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type == "siglip2":
+        raise ValueError(f"{path}: SigLIP 2 NaFlex takes each image at its own resolution, which TinyVLM's square "
+                         "patch grid does not; use a fixed-resolution SigLIP 2 (model type siglip)")
+    tower = VISION_TOWERS.get(config.model_type, AutoModel)
+    model = tower.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    if not hasattr(model.config, "patch_size"):
+        raise ValueError(f"{path}: a {config.model_type} model has no patch grid for TinyVLM's projector")
+    return model
+
+
+def image_token_count(image_size: tuple[int, int], patch_size: int, pixel_shuffle_factor: int) -> int:
+    """Image tokens per image: the encoder's patch grid, r x r patches to a token; an error where it does not fit."""
+    height, width = image_size
+    if height != width or height % patch_size:
+        raise ValueError(f"the encoder's {height} x {width} images are not a square grid of {patch_size} px patches")
+    grid = height // patch_size
+    if grid % pixel_shuffle_factor:
+        raise ValueError(f"pixel_shuffle_factor {pixel_shuffle_factor} does not divide the encoder's {grid} x {grid} "
+                         "patches: pick a factor that does (1 keeps every patch)")
+    return (grid // pixel_shuffle_factor) ** 2
+
+
+def encoder_layers(encoder: nn.Module) -> nn.ModuleList:
+    return encoder.layers if hasattr(encoder, "layers") else encoder.layer  # DINOv2 names them layer
 
 
 def keep_vision_layers(encoder: nn.Module, feature_layer: int) -> None:
     """Drop the encoder layers after the one whose output feeds the projector: they would be computed for
     nothing. After this, the last hidden state the encoder returns is hidden_states[feature_layer]."""
-    num_layers = len(encoder.layers)
-    keep = feature_layer + num_layers + 1 if feature_layer < 0 else feature_layer
-    if not 0 <= keep <= num_layers:
-        raise ValueError(f"vision_feature_layer={feature_layer} is out of range for {num_layers} layers")
-    encoder.layers = encoder.layers[:keep]
+    layers = encoder_layers(encoder)
+    keep = feature_layer + len(layers) + 1 if feature_layer < 0 else feature_layer
+    if not 0 <= keep <= len(layers):
+        raise ValueError(f"vision_feature_layer={feature_layer} is out of range for {len(layers)} layers")
+    setattr(encoder, "layers" if hasattr(encoder, "layers") else "layer", layers[:keep])
 
 
 def training_attention_mask(input_ids: torch.Tensor, position_ids, implementation: str, dtype: torch.dtype):
@@ -343,8 +385,8 @@ class TinyVLM(nn.Module):
         self.config = config
         self.lm = language_model.requires_grad_(False)
         vision_config = vision.config
-        grid = vision_config.image_size // vision_config.patch_size
-        self.num_image_tokens = (grid // config.pixel_shuffle_factor) ** 2
+        self.num_image_tokens = image_token_count(encoder_image_size(image_settings), vision_config.patch_size,
+                                                  config.pixel_shuffle_factor)
         self.processor = Processor(tokenizer, image_settings, config.image_token, self.num_image_tokens,
                                    config.system_prompt)
         self.image_token_id = self.processor.image_token_id
@@ -368,9 +410,8 @@ class TinyVLM(nn.Module):
         always kept in float32. attn_implementation is transformers' (sdpa, eager, flash_attention_2) or
         sdpa_varlen (see pick_attention)."""
         lm_path = language_model_path or config.language_model
-        vision = SiglipVisionModel.from_pretrained(  # nothing packed there: sdpa_varlen would be plain sdpa
-            config.vision_model, dtype=dtype,
-            attn_implementation="sdpa" if attn_implementation == "sdpa_varlen" else attn_implementation)
+        vision = load_vision_model(config.vision_model, dtype,  # nothing packed there: sdpa_varlen is plain sdpa
+                                   "sdpa" if attn_implementation == "sdpa_varlen" else attn_implementation)
         image_settings, _ = ImageProcessingMixin.get_image_processor_dict(config.vision_model)
         language_model = AutoModelForCausalLM.from_pretrained(lm_path, dtype=lm_dtype or dtype,
                                                               attn_implementation=attn_implementation)

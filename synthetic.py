@@ -11,7 +11,7 @@ import zipfile
 
 import torch
 from PIL import Image, ImageDraw
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
                           SiglipVisionConfig, SiglipVisionModel)
 
 from model import SIGLIP_PREPROCESSING, ModelConfig, TinyVLM
@@ -83,6 +83,30 @@ def vision_config(tiny: bool, image_size: int = 224, **overrides) -> SiglipVisio
     pooling head a VLM does not use."""
     return SiglipVisionConfig(vision_use_head=False, image_size=image_size, **(TINY_VISION if tiny else {}),
                               **overrides)
+
+
+# Tiny random encoders of other families, with preprocessor configs in their families' manner: CLIP's vision
+# tower and DINOv2 with registers resize the shorter side and crop the centre, and put a class token (and
+# registers) before the patches. 32 px crops of 8 px patches, as the tiny SigLIP.
+ENCODER_FAMILIES = {
+    "clip": ("clip_vision_model", {}, {"size": {"shortest_edge": 32}, "image_mean": [0.4815, 0.4578, 0.4082],
+                                       "image_std": [0.2686, 0.2613, 0.2758]}),
+    "dinov2": ("dinov2_with_registers", {"num_register_tokens": 4, "image_size": 32},
+               {"size": {"shortest_edge": 40}, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}),
+}
+
+
+def family_vision_model(folder: str, family: str) -> str:
+    """A tiny random vision encoder of a family with its preprocessor config, saved for from_pretrained."""
+    model_type, overrides, preprocessing = ENCODER_FAMILIES[family]
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **{**TINY_VISION, "image_size": TINY_IMAGE_SIZE, **overrides})
+    AutoModel.from_config(config).save_pretrained(f"{folder}/{family}")
+    with open(f"{folder}/{family}/preprocessor_config.json", "w") as f:
+        json.dump({"do_resize": True, "resample": 3, "do_center_crop": True,
+                   "crop_size": {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, "do_rescale": True,
+                   "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True, **preprocessing}, f)
+    return f"{folder}/{family}"
 
 
 def model_folders(folder: str, tokenizer, tiny: bool = True) -> dict:

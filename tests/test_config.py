@@ -37,7 +37,7 @@ def run_main(argv: list[str], capsys) -> tuple[int, str]:
     (["--dtype", "float64"], "--dtype 'float64': must be one of auto, float32, bfloat16, float16"),
     (["--vision_model", "/nonexistent"], "--vision_model '/nonexistent': not found"),
     (["--max_length", "10"], "--max_length 10: leaves no room for the 4 image tokens and a prompt"),
-    (["--pixel_shuffle_factor", "3"], "--pixel_shuffle_factor 3: the encoder's 4 x 4 patches do not divide"),
+    (["--pixel_shuffle_factor", "3"], "--pixel_shuffle_factor 3 does not divide the encoder's 4 x 4 patches"),
     (["--min_lr_ratio", "2"], "--min_lr_ratio 2.0: must be between 0 and 1"),
     (["--lr", "0"], "--lr 0.0: must be more than 0"),
     (["--device", "gpu"], "--device 'gpu': must be auto, cpu, cuda, cuda:N or mps"),
