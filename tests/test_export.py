@@ -4,82 +4,16 @@ token as TinyVLM does, in a process that cannot import TinyVLM; and the model ca
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import run
+from helpers import answers_in_plain_transformers, assert_answers_like_tinyvlm, random_images, run
 from PIL import Image
 
 import demo
 import export
 from main import VLMConfig, build_model
 from model import TinyVLM, find_model_folder
-
-# Run in a fresh interpreter isolated from the repository (-I: no script folder, cwd or PYTHONPATH on sys.path):
-# the exported folder, each case's images and messages in, prompt ids and greedy answers out.
-PLAIN_TRANSFORMERS = r"""
-import json, sys
-from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
-try:
-    import model
-    sys.exit("TinyVLM is importable here")
-except ImportError:
-    pass
-folder, cases, new_tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-processor = AutoProcessor.from_pretrained(folder)
-vlm = AutoModelForImageTextToText.from_pretrained(folder)
-results = []
-for case in cases:
-    content = [{"type": "image"} for _ in case["images"]] + [{"type": "text", "text": case["prompt"]}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    images = [Image.open(path) for path in case["images"]] or None
-    inputs = processor(images=images, text=text, return_tensors="pt")
-    output = vlm.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    prompt_length = inputs["input_ids"].shape[1]
-    results.append({"input_ids": inputs["input_ids"][0].tolist(),
-                    "answer": processor.decode(output[0, prompt_length:], skip_special_tokens=True).strip(),
-                    "pixel_values": inputs["pixel_values"].tolist() if images else None})
-print(json.dumps(results))
-"""
-
-
-def random_images(folder, size, count: int, seed: int = 0) -> list[str]:
-    generator = torch.Generator().manual_seed(seed)
-    paths = []
-    for i in range(count):
-        pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=generator).numpy()
-        paths.append(str(folder / f"image{i}.png"))
-        Image.fromarray(pixels).save(paths[-1])
-    return paths
-
-
-def answers_in_plain_transformers(folder: str, cases: list[dict], new_tokens: int, cwd) -> list[dict]:
-    result = subprocess.run([sys.executable, "-I", "-c", PLAIN_TRANSFORMERS, folder, json.dumps(cases), str(new_tokens)],
-                            cwd=cwd, capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, PYTHONPATH=""))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def assert_answers_like_tinyvlm(model: TinyVLM, folder: str, tmp_path, new_tokens: int = 10) -> None:
-    """Same prompt ids and same greedy answers for one image, two images and no image."""
-    images = random_images(tmp_path, model.processor.image_size[::-1], 4)
-    cases = [{"images": [images[0]], "prompt": "Describe the image."},
-             {"images": [images[1]], "prompt": "What colour is the shape?"},
-             {"images": [images[2], images[3]], "prompt": "What differs between the two?"},
-             {"images": [], "prompt": "What is the capital of France?"}]
-    plain = answers_in_plain_transformers(folder, cases, new_tokens, tmp_path)
-    for case, result in zip(cases, plain):
-        pictures = [Image.open(path) for path in case["images"]]
-        messages = model.processor.prompt_messages(case["prompt"], len(pictures))
-        assert result["input_ids"] == model.processor.encode_prompt(messages), case
-        expected = model.generate([pictures or None], case["prompt"], max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens)
-        assert result["answer"] == expected[0], case
-
 
 def trained_projector(model: TinyVLM) -> TinyVLM:
     """A projector far from its initialisation (a random tiny model's answers then depend on the image)."""
