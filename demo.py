@@ -21,7 +21,8 @@ from PIL import Image, ImageDraw
 
 from eval import SHAPE_COLOURS, SHAPE_NAMES, SHAPES_PROMPT, run_task
 from main import build_model, config_problems, parse_args, resolve_config, train
-from model import SIGLIP_PREPROCESSING, exit_if_problems, pick_device, pick_dtype
+from cli import exit_if_problems
+from model import SIGLIP_PREPROCESSING, pick_device, pick_dtype
 
 DEMO_DIR = "data/demo"
 LANGUAGE_MODEL_DIR = f"{DEMO_DIR}/models/SmolLM2-135M-Instruct"

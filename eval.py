@@ -15,12 +15,47 @@ import shutil
 import sys
 from collections import defaultdict
 
+from cli import HelpFormatter, add_runtime_arguments, exit_if_problems
+
+TASK_NAMES = ("shapes", "coco", "mmstar", "pope", "vqav2")  # TASKS below, by name
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a model folder, or a run folder (its best/)")
+    parser.add_argument("--tasks", default="shapes", help=f"comma-separated, of: {', '.join(TASK_NAMES)}")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many items per task: a fixed subset "
+                        "chosen with --seed")
+    parser.add_argument("--seed", type=int, default=0, help="chooses the --limit subsets")
+    parser.add_argument("--mmstar", default="Lin-Chen/MMStar", help="hub id or local parquet")
+    parser.add_argument("--pope", default="lmms-lab/POPE", help="hub id or local parquet")
+    parser.add_argument("--vqav2", default="lmms-lab/VQAv2", help="hub id or local parquet (validation split)")
+    parser.add_argument("--coco", default="data/coco/dataset_coco.json", help="Karpathy split JSON or LLaVA JSON")
+    parser.add_argument("--coco_images", default="data/coco", help="folder or .zip holding val2014/...")
+    parser.add_argument("--shapes", default="data/demo/val.json", help="the demo's held-out LLaVA JSON")
+    parser.add_argument("--shapes_images", default="data/demo/images.zip", help="its images")
+    parser.add_argument("--batch_size", type=int, default=16, help="questions answered together")
+    parser.add_argument("--max_new_tokens", type=int, default=32, help="the longest answer, in tokens")
+    add_runtime_arguments(parser)
+    parser.add_argument("--output", default=None, help="results JSON (default: eval_results.json in the model folder)")
+    parser.add_argument("--wandb_mode", default="disabled", help="online or offline to log the results to W&B")
+    parser.add_argument("--wandb_project", default="tinyvlm", help="with --wandb_mode online or offline")
+    args = parser.parse_args(argv)
+    unknown = set(args.tasks.split(",")) - set(TASK_NAMES)
+    if unknown:
+        parser.error(f"unknown tasks {sorted(unknown)}; known: {', '.join(TASK_NAMES)}")
+    return args
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer here, before torch loads below
+    parse_args(sys.argv[1:])
+
 import transformers
 from PIL import Image
 
 from sources import decode_image, first_answer, first_question, load_llava_json, open_image_source, to_rgb
 from generate import answer
-from model import HelpFormatter, add_runtime_arguments, exit_if_problems, load_for_inference, runtime_problems
+from model import load_for_inference, runtime_problems
 
 # Prompt suffixes as LLaVA-1.5's evaluation writes them (llava/eval and its scripts/v1_5/eval).
 # The demo's held-out shapes (demo.py draws them): captions answer SHAPES_PROMPT and name one of each.
@@ -369,33 +404,6 @@ def flat_metrics(results: dict) -> dict:
         elif isinstance(value, (int, float)):
             flat[key] = value
     return flat
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a model folder, or a run folder (its best/)")
-    parser.add_argument("--tasks", default="shapes", help=f"comma-separated, of: {', '.join(TASKS)}")
-    parser.add_argument("--limit", type=int, default=None, help="at most this many items per task: a fixed subset "
-                        "chosen with --seed")
-    parser.add_argument("--seed", type=int, default=0, help="chooses the --limit subsets")
-    parser.add_argument("--mmstar", default="Lin-Chen/MMStar", help="hub id or local parquet")
-    parser.add_argument("--pope", default="lmms-lab/POPE", help="hub id or local parquet")
-    parser.add_argument("--vqav2", default="lmms-lab/VQAv2", help="hub id or local parquet (validation split)")
-    parser.add_argument("--coco", default="data/coco/dataset_coco.json", help="Karpathy split JSON or LLaVA JSON")
-    parser.add_argument("--coco_images", default="data/coco", help="folder or .zip holding val2014/...")
-    parser.add_argument("--shapes", default="data/demo/val.json", help="the demo's held-out LLaVA JSON")
-    parser.add_argument("--shapes_images", default="data/demo/images.zip", help="its images")
-    parser.add_argument("--batch_size", type=int, default=16, help="questions answered together")
-    parser.add_argument("--max_new_tokens", type=int, default=32, help="the longest answer, in tokens")
-    add_runtime_arguments(parser)
-    parser.add_argument("--output", default=None, help="results JSON (default: eval_results.json in the model folder)")
-    parser.add_argument("--wandb_mode", default="disabled", help="online or offline to log the results to W&B")
-    parser.add_argument("--wandb_project", default="tinyvlm", help="with --wandb_mode online or offline")
-    args = parser.parse_args(argv)
-    unknown = set(args.tasks.split(",")) - set(TASKS)
-    if unknown:
-        parser.error(f"unknown tasks {sorted(unknown)}; known: {', '.join(TASKS)}")
-    return args
 
 
 def main(argv: list[str]) -> dict:

@@ -11,16 +11,45 @@ import json
 import os
 import sys
 
+from cli import HelpFormatter, add_runtime_arguments, exit_if_problems
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DEFAULT_PROMPT = "Describe the image concisely."
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a model folder, or a run folder (its best/)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", nargs="+", help="image files or folders of images")
+    source.add_argument("--data", help="a LLaVA-format JSON; images under --image_root")
+    parser.add_argument("--image_root", help="folder or .zip holding the --data images")
+    parser.add_argument("--prompt", help=f"the question for every image (default for --image: {DEFAULT_PROMPT!r}; "
+                                         "for --data: each entry's own first question)")
+    parser.add_argument("--output", help="write predictions here (.json or .jsonl)")
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="the longest answer, in tokens")
+    parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0, help="for --do_sample")
+    parser.add_argument("--top_p", type=float, default=1.0, help="for --do_sample: nucleus sampling")
+    parser.add_argument("--batch_size", type=int, default=16, help="prompts answered together")
+    add_runtime_arguments(parser)
+    parser.add_argument("--seed", type=int, default=0, help="for --do_sample")
+    args = parser.parse_args(argv)
+    if args.data and not args.image_root:
+        parser.error("--data needs --image_root")
+    return args
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer here, before torch loads below
+    parse_args(sys.argv[1:])
+
 import torch
 import transformers
 from PIL import Image
 from tqdm import tqdm
 
 from sources import IMAGE_ERRORS, decode_image, first_answer, first_question, load_llava_json, open_image_source
-from model import HelpFormatter, add_runtime_arguments, autocast, exit_if_problems, load_for_inference, runtime_problems
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-DEFAULT_PROMPT = "Describe the image concisely."
+from model import autocast, load_for_inference, runtime_problems
 
 
 def image_jobs(paths: list[str], prompt: str) -> list[dict]:
@@ -90,29 +119,6 @@ def write_predictions(jobs: list[dict], path: str) -> None:
             f.writelines(json.dumps(job) + "\n" for job in jobs)
         else:
             json.dump(jobs, f, indent=1)
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a model folder, or a run folder (its best/)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--image", nargs="+", help="image files or folders of images")
-    source.add_argument("--data", help="a LLaVA-format JSON; images under --image_root")
-    parser.add_argument("--image_root", help="folder or .zip holding the --data images")
-    parser.add_argument("--prompt", help=f"the question for every image (default for --image: {DEFAULT_PROMPT!r}; "
-                                         "for --data: each entry's own first question)")
-    parser.add_argument("--output", help="write predictions here (.json or .jsonl)")
-    parser.add_argument("--max_new_tokens", type=int, default=64, help="the longest answer, in tokens")
-    parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0, help="for --do_sample")
-    parser.add_argument("--top_p", type=float, default=1.0, help="for --do_sample: nucleus sampling")
-    parser.add_argument("--batch_size", type=int, default=16, help="prompts answered together")
-    add_runtime_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0, help="for --do_sample")
-    args = parser.parse_args(argv)
-    if args.data and not args.image_root:
-        parser.error("--data needs --image_root")
-    return args
 
 
 def main(argv: list[str]) -> int:

@@ -20,6 +20,9 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 
+from cli import as_bool, exit_if_problems
+
+
 @dataclass
 class VLMConfig:
     # model: the frozen encoders (hub ids or local folders) and the projector between them
@@ -90,8 +93,6 @@ class VLMConfig:
 
 
 def parse_bool(text: str) -> bool:
-    from model import as_bool  # here and not above: --help answers before torch loads
-
     if as_bool(text) is None:
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
     return as_bool(text)
@@ -134,7 +135,7 @@ from data import (SKIPPED_WHEN_LOADED, LLaVADataset, StreamSampler, collate, enc
                   start_worker)
 from sources import (IGNORE_INDEX, IMAGE_ERRORS, DataError, check_data_paths, decode_image, first_answer, first_question,
                      open_data, split_entries, tokenize, without_long_samples)
-from model import (ModelConfig, TinyVLM, autocast, exit_if_problems, find_model_folder, model_folder_problems,
+from model import (ModelConfig, TinyVLM, autocast, find_model_folder, model_folder_problems,
                    image_token_count, pick_attention, pick_compile, pick_device, pick_dtype,
                    runtime_problems)
 from syncs import no_syncs

@@ -4,11 +4,9 @@ in the chat prompt. `TinyVLM.from_config(cfg)` loads the encoders (hub ids or lo
 `save_pretrained` / `from_pretrained` keep a trained model in a folder (safetensors + config.json).
 """
 
-import argparse
 import json
 import os
 import re
-import sys
 import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -24,6 +22,7 @@ from transformers.image_processing_utils import ImageProcessingMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from cli import ATTENTIONS, DTYPES, as_bool
 from data import Processor, collate, encoder_image_size, model_positions
 from sources import IGNORE_INDEX
 
@@ -73,10 +72,6 @@ def cpu_has_bf16_matmul() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-ATTENTIONS = ("auto", "eager", "sdpa", "sdpa_varlen", "flash_attention_2", "flex_attention")
-
-
 def looks_local(path: str) -> bool:
     """Whether a model or data setting names a local path rather than a hub id (org/name)."""
     return path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.path.exists(path)
@@ -108,28 +103,6 @@ def runtime_problems(device: str, dtype: str, attention: str, checkpoint: str | 
         except FileNotFoundError as error:
             problems.append(f"--checkpoint {checkpoint!r}: {error}")
     return problems
-
-
-def exit_if_problems(program: str, problems: list[str]) -> None:
-    """A program's settings problems, all of them, one line each, then exit status 2 (argparse's)."""
-    if problems:
-        print("\n".join(f"{program}: error: {problem}" for problem in problems), file=sys.stderr)
-        sys.exit(2)
-
-
-# pick_dtype's rule, for the programs' --dtype
-DTYPE_HELP = "auto: bfloat16 on GPUs that have it, else float16; on CPUs bfloat16 with AMX or AVX512-BF16, else float32"
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The programs' --help: their docstring as written, and every option's default."""
-
-
-def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    """--device, --dtype and --attn_implementation, as every program that runs a model takes them."""
-    parser.add_argument("--device", default="auto", help="auto: cuda, then mps, then cpu")
-    parser.add_argument("--dtype", default="auto", help=DTYPE_HELP)
-    parser.add_argument("--attn_implementation", default="auto", help="auto: sdpa on GPUs, eager on CPUs")
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -184,12 +157,6 @@ def pick_attention(name: str, device: torch.device, packing: bool = False) -> st
     if device.type == "cuda":
         return "sdpa"
     return "sdpa_varlen" if packing else "eager"
-
-
-def as_bool(text: str) -> bool | None:
-    """True or False for the words a command line uses for them (1/0, true/false, yes/no, on/off), else None."""
-    return {"1": True, "true": True, "yes": True, "on": True,
-            "0": False, "false": False, "no": False, "off": False}.get(text.lower())
 
 
 def pick_compile(name: str, device: torch.device) -> str | None:

@@ -11,14 +11,33 @@ import threading
 import traceback
 from contextlib import closing
 
+from cli import HelpFormatter, add_runtime_arguments, exit_if_problems
+
+MAX_IMAGE_PIXELS = 50_000_000  # a 50-megapixel photo decodes to 150 MB; larger images are refused unread
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a model folder, or a run folder (its best/)")
+    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
+    parser.add_argument("--port", type=int, default=7860, help="the page's port")
+    add_runtime_arguments(parser)
+    parser.add_argument("--max_image_pixels", type=int, default=MAX_IMAGE_PIXELS,
+                        help="larger uploads are refused before they are decoded")
+    parser.add_argument("--max_file_size", default="20mb", help="larger uploads are refused by the page")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer here, before torch loads below
+    parse_args(sys.argv[1:])
+
 import gradio as gr
 import transformers
 from PIL import Image
 
 from sources import IMAGE_ERRORS, IMAGE_MARKER, conversation_to_llava, to_rgb
-from model import HelpFormatter, TinyVLM, add_runtime_arguments, exit_if_problems, load_for_inference, runtime_problems
+from model import TinyVLM, load_for_inference, runtime_problems
 
-MAX_IMAGE_PIXELS = 50_000_000  # a 50-megapixel photo decodes to 150 MB; larger images are refused unread
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # the default theme would fetch web fonts
 
 
@@ -128,18 +147,6 @@ def build_page(server: ChatServer, checkpoint: str) -> gr.Blocks:
                  for trigger in (question.submit, send.click)]
         clear.click(server.clear, None, outputs, cancels=asked)
     return page
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a model folder, or a run folder (its best/)")
-    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
-    parser.add_argument("--port", type=int, default=7860, help="the page's port")
-    add_runtime_arguments(parser)
-    parser.add_argument("--max_image_pixels", type=int, default=MAX_IMAGE_PIXELS,
-                        help="larger uploads are refused before they are decoded")
-    parser.add_argument("--max_file_size", default="20mb", help="larger uploads are refused by the page")
-    return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> None:

@@ -144,6 +144,15 @@ def option_helps(text: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("program", ["generate", "serve", "eval"])
+def test_the_other_programs_answer_help_before_torch_loads(program):
+    loaded = subprocess.run([sys.executable, "-c", f"import json, runpy, sys; sys.argv = ['{program}.py', '--help']\n"
+                             f"try:\n    runpy.run_path('{program}.py', run_name='__main__')\n"
+                             "except SystemExit:\n    print(json.dumps(sorted(sys.modules)))"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60).stdout.splitlines()[-1]
+    assert "torch" not in json.loads(loaded) and "gradio" not in json.loads(loaded)
+
+
+@pytest.mark.parametrize("program", ["generate", "serve", "eval"])
 def test_every_option_of_the_other_programs_has_help_and_a_default(program, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     with pytest.raises(SystemExit):

@@ -244,3 +244,7 @@ def test_eval_script_runs_every_task_and_writes_results(tiny_model, tmp_path, mm
         {"shapes": 18, "coco": 3, "mmstar": 3, "pope": 4, "vqav2": 2}
     assert results["mmstar"]["n"] == 3 and results["pope"]["all"]["n"] == 4 and "CIDEr" in results["coco"]
     assert os.path.isdir(tmp_path / "wandb")
+
+
+def test_the_task_names_eval_py_parses_are_its_tasks():
+    assert set(benchmarks.TASK_NAMES) == set(benchmarks.TASKS)
