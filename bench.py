@@ -33,7 +33,7 @@ import transformers
 from PIL import Image
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from data import LLaVADataset, Processor, collate, pack_step, padded_step, start_worker
 from main import (FINETUNE_CONFIG, VLMConfig, build_model, data_workers, forward_backward, to_device, train,
@@ -418,6 +418,46 @@ def bench_memory(args, tokenizer, device, dtype) -> list[dict]:
                      "weights_gb": weights / 1e9, "gradient_and_adamw_gb": states / 1e9,
                      "activations_gb": activations / 1e9, "total_gb": total / 1e9,
                      "fits_a40_48gb_with_25pct": 1.25 * total <= 48e9, "fits_h100_80gb_with_25pct": 1.25 * total <= 80e9})
+    return rows
+
+
+# Llama-3.2-1B's architecture (its config.json's sizes): a 1B-class LM for stage 2's memory, random weights
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, head_dim=64)
+
+
+def bench_finetune_memory(args, tokenizer, device, dtype) -> list[dict]:
+    """Stage 2's training memory at real sizes, full finetuning against LoRA (rank 16), for SmolLM2-135M and a
+    1B-class LM (LLAMA_1B): the weights (the LM in float32 when it trains whole, in bf16 when frozen under
+    LoRA), float32 gradients and AdamW state of what trains, and the activations of one micro-batch of 16
+    LLaVA-Instruct-like conversations padded to the longest (fake tensors, as bench_memory)."""
+    dtype = torch.bfloat16
+    rows = []
+    for name, sizes in (("SmolLM2-135M", None), ("1B (Llama-3.2-1B sizes)", LLAMA_1B)):
+        for lora_rank in (0, 16):
+            model = random_model(False, dtype, "sdpa", tokenizer, device)
+            if sizes:
+                model.lm = LlamaForCausalLM(LlamaConfig(**sizes, pad_token_id=tokenizer.pad_token_id)).to(dtype)
+                model.projector = type(model.projector)(model.vision.config.hidden_size, 12288, sizes["hidden_size"],
+                                                        2)
+            model.config = replace(model.config, lora_rank=lora_rank)
+            if lora_rank:
+                model.add_lora()
+            else:
+                model.lm.float().requires_grad_(True)
+            model.vision.requires_grad_(False)
+            trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            samples = instruct_like_samples(model, 16, seed=3)
+            batch = collate(samples, tokenizer.pad_token_id, model.image_token_id)
+            activations = activation_memory(model, batch, device, dtype)
+            total = weights + trained * 4 * 3 + activations
+            rows.append({"language_model": name, "training": f"LoRA rank {lora_rank}" if lora_rank else "full",
+                         "trained_params_m": trained / 1e6, "weights_gb": weights / 1e9,
+                         "gradient_and_adamw_gb": trained * 12 / 1e9, "activations_gb": activations / 1e9,
+                         "tokens_per_sample": batch["input_ids"].shape[1], "total_gb": total / 1e9})
+            print(rows[-1], flush=True)
+            del model
     return rows
 
 
@@ -1145,6 +1185,8 @@ def main() -> int:
         report["token_shares"] = default_config_token_shares(tokenizer)
         print_table("stage 1's real-token share on CC3M-like lengths", report["token_shares"],
                     ["config", "layout", "real_token_share", "mean_tokens", "longest"])
+    if "finetune_memory" in parts:
+        report["finetune_memory"] = bench_finetune_memory(args, tokenizer, device, dtype)
     if "memory" in parts:
         report["memory"] = bench_memory(args, tokenizer, device, dtype)
         print_table("stage 1's training memory by micro-batch (weights, gradient and AdamW, activations)",
