@@ -42,8 +42,9 @@ def test_the_targets_are_each_answer_and_the_end_of_turn_its_template_writes(fam
 @pytest.mark.parametrize("family", FAMILIES[1:])  # SmolLM2's: the rest of the suite
 def test_each_family_trains_resumes_exactly_packs_like_it_pads_and_stops_at_its_end_of_turn(
         family, family_models, tiny_config, monkeypatch):
-    cfg = dataclasses.replace(tiny_config, language_model=family_models[family], max_steps=4, lr_decay_steps=4)
-    straight, resumed = straight_and_resumed(cfg, first_steps=2)
+    cfg = dataclasses.replace(tiny_config, language_model=family_models[family], max_steps=2, lr_decay_steps=2,
+                              eval_every=2, save_every=2)
+    straight, resumed = straight_and_resumed(cfg, first_steps=1)
     a, b = checkpoint_weights(straight), checkpoint_weights(resumed)
     assert all(torch.equal(a[name], b[name]) for name in a)
 
