@@ -833,7 +833,9 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
             micro_batches = next(batches)
             progress.position += global_batch
             progress.count_skipped(micro_batches)
-            with no_syncs(device, cfg.check_syncs and not any(periodic.values())):
+            # the first step compiles and warms up (work done once, which may wait for the device); from the
+            # second on, a step that logs nothing must not
+            with no_syncs(device, cfg.check_syncs and step > 1 and not any(periodic.values())):
                 lr_scale = lr_factor(progress.step, warmup_steps, decay_steps, cfg.min_lr_ratio)
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * lr_scale
