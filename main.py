@@ -72,7 +72,7 @@ class VLMConfig:
     dtype: str = "auto"  # auto: bf16 on GPUs that have it, else fp16; CPUs: bf16 with AMX or AVX512-BF16, else fp32
     attn_implementation: str = "auto"  # auto: sdpa on GPUs; CPUs: sdpa_varlen with packing, else eager
     compile: str = "auto"  # torch.compile the encoder, projector and LM layers: auto (CUDA only), true, false, a backend
-    check_syncs: bool = False  # raise if a step that logs nothing makes the host wait for the device (syncs.py)
+    check_syncs: bool = False  # raise if a step after the first that logs nothing waits for the device (syncs.py)
     seed: int = 1337  # the data order, the validation split and the initial projector
     # evaluation, checkpoints, logging
     eval_every: int = 500  # steps between validation passes; the best one is kept in <run>/best
