@@ -1,5 +1,5 @@
-"""bench.py's GPU suite, run here with tiny models on the CPU so that it cannot rot between GPU sessions, in
-the conditions of a bare GPU machine: none of the packages such a machine lacks can be imported."""
+"""bench.py's GPU suite, run here with tiny models on the CPU so that it keeps working on machines without a
+GPU, in the conditions of a bare GPU machine: none of the packages such a machine lacks can be imported."""
 
 import json
 import os
