@@ -36,8 +36,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from data import LLaVADataset, Processor, collate, pack_step, padded_step, start_worker
-from main import (FINETUNE_CONFIG, VLMConfig, build_model, data_workers, forward_backward, to_device, train,
-                  with_micro_batches)
+from main import (FINETUNE_CONFIG, VLMConfig, build_model, build_optimizer, data_workers, forward_backward, to_device,
+                  train, with_micro_batches)
 from model import SIGLIP_PREPROCESSING, TinyVLM, autocast, pick_compile, pick_device, pick_dtype
 from sources import IGNORE_INDEX, decode_image, llava_to_messages, open_data, tokenize
 from syncs import SyncRecorder
@@ -426,6 +426,26 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, 
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, head_dim=64)
 
 
+def stage2_model(tokenizer, device, dtype, sizes: dict | None, lora_rank: int) -> TinyVLM:
+    """Stage 2's model as build_model makes it, random weights at real sizes: SigLIP-base frozen in `dtype`,
+    the projector, and SmolLM2-135M (sizes None) or a Llama of `sizes` (LLAMA_1B), trained whole in float32
+    or, with lora_rank, frozen in `dtype` with LoRA adapters of that rank."""
+    model = random_model(False, dtype, "sdpa", tokenizer, device)
+    if sizes:
+        model.lm = LlamaForCausalLM(LlamaConfig(**sizes, pad_token_id=tokenizer.pad_token_id)).to(dtype)
+        model.projector = type(model.projector)(model.vision.config.hidden_size, 12288, sizes["hidden_size"], 2)
+    model.config = replace(model.config, lora_rank=lora_rank)
+    if lora_rank:
+        model.add_lora()
+    else:
+        model.lm.float().requires_grad_(True)
+    model.vision.requires_grad_(False)
+    return model.to(device)
+
+
+STAGE2_LMS = (("SmolLM2-135M", None), ("1B (Llama-3.2-1B sizes)", LLAMA_1B))
+
+
 def bench_finetune_memory(args, tokenizer, device, dtype) -> list[dict]:
     """Stage 2's training memory at real sizes, full finetuning against LoRA (rank 16), for SmolLM2-135M and a
     1B-class LM (LLAMA_1B): the weights (the LM in float32 when it trains whole, in bf16 when frozen under
@@ -433,19 +453,9 @@ def bench_finetune_memory(args, tokenizer, device, dtype) -> list[dict]:
     LLaVA-Instruct-like conversations padded to the longest (fake tensors, as bench_memory)."""
     dtype = torch.bfloat16
     rows = []
-    for name, sizes in (("SmolLM2-135M", None), ("1B (Llama-3.2-1B sizes)", LLAMA_1B)):
+    for name, sizes in STAGE2_LMS:
         for lora_rank in (0, 16):
-            model = random_model(False, dtype, "sdpa", tokenizer, device)
-            if sizes:
-                model.lm = LlamaForCausalLM(LlamaConfig(**sizes, pad_token_id=tokenizer.pad_token_id)).to(dtype)
-                model.projector = type(model.projector)(model.vision.config.hidden_size, 12288, sizes["hidden_size"],
-                                                        2)
-            model.config = replace(model.config, lora_rank=lora_rank)
-            if lora_rank:
-                model.add_lora()
-            else:
-                model.lm.float().requires_grad_(True)
-            model.vision.requires_grad_(False)
+            model = stage2_model(tokenizer, device, dtype, sizes, lora_rank)
             trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
             weights = sum(p.numel() * p.element_size() for p in model.parameters())
             samples = instruct_like_samples(model, 16, seed=3)
@@ -458,6 +468,70 @@ def bench_finetune_memory(args, tokenizer, device, dtype) -> list[dict]:
                          "tokens_per_sample": batch["input_ids"].shape[1], "total_gb": total / 1e9})
             print(rows[-1], flush=True)
             del model
+    return rows
+
+
+def available_memory(device) -> float:
+    """Bytes a new allocation can have: the device's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return proc_meminfo_bytes("MemAvailable")
+
+
+def proc_meminfo_bytes(field: str) -> float:
+    with open("/proc/meminfo") as f:
+        return next(float(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def bench_finetune_lora(args, tokenizer, device, dtype) -> list[dict]:
+    """Stage 2's training step as main.py runs it (build_optimizer's fused AdamW, forward_backward, gradient
+    checkpointing), at real sizes, full finetuning against LoRA (rank 16), for SmolLM2-135M and a 1B-class LM:
+    ms per step of --finetune_batch_size LLaVA-Instruct-like conversations (median after one warm-up step),
+    and peak memory. A configuration whose weights, float32 gradients and AdamW state alone would not fit in
+    the memory available is not run, and its row says so."""
+    rows = []
+    for name, sizes in STAGE2_LMS:
+        for lora_rank in (0, 16):
+            row = {"language_model": name, "training": f"LoRA rank {lora_rank}" if lora_rank else "full",
+                   "batch_size": args.finetune_batch_size}
+            with torch.device("meta"):  # sizes only, no memory
+                model = stage2_model(tokenizer, torch.device("meta"), dtype, sizes, lora_rank)
+            trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            needed = sum(p.numel() * p.element_size() for p in model.parameters()) + trained * 4 * 3
+            if needed > 0.9 * available_memory(device):
+                rows.append({**row, "trained_params_m": trained / 1e6, "step_ms": float("nan"),
+                             "note": f"not run: weights, gradients and AdamW state need {needed / 1e9:.1f} GB, "
+                                     f"{available_memory(device) / 1e9:.1f} GB available"})
+                print(rows[-1], flush=True)
+                continue
+            idle = memory_now_and_reset_peak(device)
+            model = stage2_model(tokenizer, device, dtype, sizes, lora_rank)
+            model.checkpoint_language_model()
+            cfg = VLMConfig(stage="finetune", lora_rank=lora_rank)
+            optimizer = build_optimizer(cfg, model, device)
+            batch = collate(instruct_like_samples(model, args.finetune_batch_size), tokenizer.pad_token_id,
+                            model.image_token_id)
+            scaler = torch.amp.GradScaler(device.type, enabled=False)
+            model.train()
+            times = []
+            for _ in range(1 + args.finetune_steps):
+                synchronize(device)
+                start = time.perf_counter()
+                forward_backward(model, [batch], device, dtype, scaler)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                synchronize(device)
+                times.append(time.perf_counter() - start)
+            seconds = sorted(times[1:])[len(times[1:]) // 2]
+            rows.append({**row, "trained_params_m": trained / 1e6, "tokens_per_sample": batch["num_tokens"] /
+                         args.finetune_batch_size, "step_ms": 1000 * seconds,
+                         "samples_per_s": args.finetune_batch_size / seconds,
+                         "peak_memory_gb": (peak_memory(device) - (idle if device.type != "cuda" else 0)) / 1e9,
+                         "note": "CUDA allocated" if device.type == "cuda" else "resident set above the process's before"})
+            print(rows[-1], flush=True)
+            del model, optimizer, batch
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -594,10 +668,14 @@ def per_sample_ms(stages, count: int) -> dict:
             "whole sample ms": 1000 * whole / count, "samples_per_s_per_core": count / whole}
 
 
-def loader_rate(dataset, workers: int, pad: int, image: int | None, count: int) -> float:
-    """Samples/s through a DataLoader of `workers` workers, batches of 64, after its first batch."""
+def loader_rate(dataset, workers: int, pad: int, image: int | None, count: int, at_least: int = 1280) -> float:
+    """Samples/s through a DataLoader of `workers` workers, batches of 64, after its first batch. The first
+    `count` samples are read over and over until there are `at_least`: over a handful of batches the
+    workers' start and the prefetched first batches would weigh as much as the rate (1 worker on 400
+    samples measured 680-1,040 samples/s from one run to the next, on 1,280 about 1,190)."""
+    indices = [i % count for i in range(max(count, at_least))]
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, range(count)), batch_size=64, num_workers=workers,
+        torch.utils.data.Subset(dataset, indices), batch_size=64, num_workers=workers,
         collate_fn=partial(collate, pad_token_id=pad, image_token_id=image), worker_init_fn=start_worker)
     iterator = iter(loader)
     first = next(iterator)
@@ -1187,6 +1265,11 @@ def main() -> int:
                     ["config", "layout", "real_token_share", "mean_tokens", "longest"])
     if "finetune_memory" in parts:
         report["finetune_memory"] = bench_finetune_memory(args, tokenizer, device, dtype)
+    if "finetune_lora" in parts:
+        report["finetune_lora"] = bench_finetune_lora(args, tokenizer, device, dtype)
+        print_table("stage 2's training step, full finetuning and LoRA (rank 16), gradient checkpointing",
+                    report["finetune_lora"], ["language_model", "training", "batch_size", "trained_params_m",
+                                              "step_ms", "samples_per_s", "peak_memory_gb", "note"])
     if "memory" in parts:
         report["memory"] = bench_memory(args, tokenizer, device, dtype)
         print_table("stage 1's training memory by micro-batch (weights, gradient and AdamW, activations)",
