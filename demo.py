@@ -332,10 +332,9 @@ def plot_losses(metrics_path: str, png_path: str, title: str) -> None:
     image.save(png_path)
 
 
-def run(cfg, device, dtype) -> None:
-    """The demo: prepare, answer the held-out set, train, answer it again, report."""
-    started = time.perf_counter()
-    prepare(cfg)
+def run(cfg, device, dtype, started: float) -> None:
+    """The demo, its data and models prepared (since `started`): answer the held-out set, train, answer it
+    again, report."""
     print(f"NOTE: SigLIP is randomly initialised (no SigLIP weights can be downloaded here); the language "
           f"model is {cfg.language_model}. Expect shape and colour, not real-world captions.")
     model = build_model(cfg, device, dtype)
@@ -378,10 +377,15 @@ def config(argv: list[str]):
 
 def main(argv: list[str]) -> None:
     transformers.utils.logging.disable_progress_bar()
-    cfg = config(argv)
-    exit_if_problems("demo.py", config_problems(cfg, check_paths=False))  # the demo makes its data and models below
+    started = time.perf_counter()
+    try:
+        cfg = config(argv)
+        exit_if_problems("demo.py", config_problems(cfg, check_paths=False))  # the demo makes its data and models
+        prepare(cfg)
+    except FileNotFoundError as error:  # no stage-1 run to finetune, a model package not installed
+        exit_if_problems("demo.py", [str(error)])
     device = pick_device(cfg.device)
-    run(cfg, device, pick_dtype(cfg.dtype, device))
+    run(cfg, device, pick_dtype(cfg.dtype, device), started)
 
 
 if __name__ == "__main__":

