@@ -5,8 +5,8 @@
   python bench.py --parts train --batch_size 64 --json bench.json
   python bench.py --parts data_scale       # loader memory and start-up on CC3M-size and 5M-entry synthetic sets
 Models are built from configs with random weights and the tokenizer is assets/smollm2-tokenizer, so nothing is
-downloaded and only torch, transformers, pillow, safetensors, numpy and tqdm are needed. Prints a table per
-part and writes everything to --json.
+downloaded and only torch, transformers, pillow, safetensors, numpy and tqdm are needed (and peft for the LoRA
+rows of finetune_memory and finetune_lora). Prints a table per part and writes everything to --json.
 """
 
 import argparse
@@ -197,6 +197,13 @@ def memory_now_and_reset_peak(device) -> float:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device)
+    import ctypes
+    import gc
+
+    gc.collect()
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc keeps freed memory resident unless told to give it
+    if trim is not None:  # back: without this a model freed before would hide inside the next one's "before"
+        trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM, the resident-set peak, to the current resident set
     return proc_status_bytes("VmRSS")
@@ -498,10 +505,11 @@ def bench_finetune_lora(args, tokenizer, device, dtype) -> list[dict]:
                 model = stage2_model(tokenizer, torch.device("meta"), dtype, sizes, lora_rank)
             trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
             needed = sum(p.numel() * p.element_size() for p in model.parameters()) + trained * 4 * 3
-            if needed > 0.9 * available_memory(device):
+            available = available_memory(device)
+            if needed > 0.9 * available:
                 rows.append({**row, "trained_params_m": trained / 1e6, "step_ms": float("nan"),
-                             "note": f"not run: weights, gradients and AdamW state need {needed / 1e9:.1f} GB, "
-                                     f"{available_memory(device) / 1e9:.1f} GB available"})
+                             "note": f"not run: weights, gradients and AdamW state need {needed / 1e9:.1f} GB, more "
+                                     f"than 90% of the {available / 1e9:.1f} GB available (activations not counted)"})
                 print(rows[-1], flush=True)
                 continue
             idle = memory_now_and_reset_peak(device)
@@ -672,7 +680,7 @@ def loader_rate(dataset, workers: int, pad: int, image: int | None, count: int, 
     """Samples/s through a DataLoader of `workers` workers, batches of 64, after its first batch. The first
     `count` samples are read over and over until there are `at_least`: over a handful of batches the
     workers' start and the prefetched first batches would weigh as much as the rate (1 worker on 400
-    samples measured 680-1,040 samples/s from one run to the next, on 1,280 about 1,190)."""
+    samples measured 680-1,040 samples/s from one run to the next, on 1,280 980 and 1,110 in two runs)."""
     indices = [i % count for i in range(max(count, at_least))]
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, indices), batch_size=64, num_workers=workers,
@@ -1184,7 +1192,9 @@ def main() -> int:
     parser.add_argument("--suite_minutes", type=float, default=7.0, help="the suite skips the parts left after this")
     parser.add_argument("--compile_backend", default="inductor", help="torch.compile's, for the suite's compiled "
                         "runs (the tests use aot_eager: inductor takes minutes to compile on 2 CPU cores)")
-    parser.add_argument("--parts", default="train,finetune,data,generate")
+    parser.add_argument("--parts", default="train,finetune,data,generate",
+                        help="comma-separated, of: train, step, memory, finetune, finetune_memory, finetune_lora, "
+                             "data, data_scale, packing, generate")
     parser.add_argument("--batch_size", type=int, default=None, help="training batch (default: 8 on CPU, 64 on GPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 5; the suite 10, tiny 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2, the suite 3)")

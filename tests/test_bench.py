@@ -51,3 +51,23 @@ def test_gpu_suite_runs_with_tiny_models_on_a_cpu(tmp_path):
     for title in ("tests on cpu", "default path", "training step", "data pipeline", "packed micro-batches",
                   "generation", "one CC3M-595K epoch"):
         assert title in result.stdout, title
+
+
+def test_stage2_models_of_the_lora_rows_train_what_their_rows_say(tokenizer):
+    """bench.py's finetune_memory and finetune_lora rows, sized on the meta device (nothing allocated): full
+    finetuning trains the whole 1B-class LM in float32; LoRA trains the projector and the adapters only, the LM
+    frozen in bf16."""
+    import torch
+
+    import bench
+
+    with torch.device("meta"):
+        full = bench.stage2_model(tokenizer, torch.device("meta"), torch.bfloat16, bench.LLAMA_1B, 0)
+        lora = bench.stage2_model(tokenizer, torch.device("meta"), torch.bfloat16, bench.LLAMA_1B, 16)
+    assert 1.2e9 < sum(p.numel() for p in full.lm.parameters()) < 1.3e9
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in full.lm.parameters())
+    trained = {name for name, p in lora.named_parameters() if p.requires_grad}
+    assert trained and all(name.startswith("projector.") or "lora_" in name for name in trained)
+    assert any("lora_" in name for name in trained)
+    assert all(p.dtype == torch.bfloat16 for name, p in lora.lm.named_parameters() if "lora_" not in name)
+    assert not any(p.requires_grad for p in full.vision.parameters())
