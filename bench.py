@@ -11,6 +11,8 @@ rows of finetune_memory and finetune_lora). Prints a table per part and writes e
 
 import argparse
 import contextlib
+import ctypes
+import gc
 import io
 import json
 import math
@@ -197,9 +199,6 @@ def memory_now_and_reset_peak(device) -> float:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device)
-    import ctypes
-    import gc
-
     gc.collect()
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc keeps freed memory resident unless told to give it
     if trim is not None:  # back: without this a model freed before would hide inside the next one's "before"
@@ -215,8 +214,9 @@ def peak_memory(device) -> float:
     return proc_status_bytes("VmHWM")
 
 
-def proc_status_bytes(field: str) -> float:
-    with open("/proc/self/status") as f:
+def proc_status_bytes(field: str, path: str = "/proc/self/status") -> float:
+    """A size in kB from /proc/self/status (VmRSS, VmHWM) or /proc/meminfo (MemAvailable), in bytes."""
+    with open(path) as f:
         return next(float(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
@@ -482,12 +482,7 @@ def available_memory(device) -> float:
     """Bytes a new allocation can have: the device's free memory, or the host's MemAvailable."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    return proc_meminfo_bytes("MemAvailable")
-
-
-def proc_meminfo_bytes(field: str) -> float:
-    with open("/proc/meminfo") as f:
-        return next(float(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+    return proc_status_bytes("MemAvailable", "/proc/meminfo")
 
 
 def bench_finetune_lora(args, tokenizer, device, dtype) -> list[dict]:
@@ -534,8 +529,8 @@ def bench_finetune_lora(args, tokenizer, device, dtype) -> list[dict]:
             rows.append({**row, "trained_params_m": trained / 1e6, "tokens_per_sample": batch["num_tokens"] /
                          args.finetune_batch_size, "step_ms": 1000 * seconds,
                          "samples_per_s": args.finetune_batch_size / seconds,
-                         "peak_memory_gb": (peak_memory(device) - (idle if device.type != "cuda" else 0)) / 1e9,
-                         "note": "CUDA allocated" if device.type == "cuda" else "resident set above the process's before"})
+                         "peak_memory_gb": (peak_memory(device) - idle) / 1e9,
+                         "note": f"{'CUDA allocated' if device.type == 'cuda' else 'resident set'} above what was before"})
             print(rows[-1], flush=True)
             del model, optimizer, batch
             if device.type == "cuda":

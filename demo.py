@@ -233,12 +233,12 @@ def prepare_language_model(folder: str = LANGUAGE_MODEL_DIR) -> str:
     """Convert one of DEMO_LANGUAGE_MODELS' GGUF files once into a plain transformers folder (bf16
     safetensors + tokenizer): a GGUF-loaded model cannot be saved as it is, and reloading the folder takes 2 s
     instead of 20 s. Any other folder is the user's own model, used as it is."""
-    known = {os.path.normpath(path): source for path, source in DEMO_LANGUAGE_MODELS.items()}
-    if os.path.isfile(os.path.join(folder, "config.json")) or os.path.normpath(folder) not in known:
+    source = DEMO_LANGUAGE_MODELS.get(os.path.normpath(folder))  # however the path is written
+    if os.path.isfile(os.path.join(folder, "config.json")) or source is None:
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    find_gguf, template = known[os.path.normpath(folder)]
+    find_gguf, template = source
     path = find_gguf()
     gguf_dir, gguf_file = os.path.split(path)
     print(f"converting {gguf_file} (4-bit GGUF, dequantised) to {folder}, once")
