@@ -6,13 +6,14 @@
   python bench.py --parts data_scale       # loader memory and start-up on CC3M-size and 5M-entry synthetic sets
 Models are built from configs with random weights and the tokenizer is assets/smollm2-tokenizer, so nothing is
 downloaded and only torch, transformers, pillow, safetensors, numpy and tqdm are needed (and peft for the LoRA
-rows of finetune_memory and finetune_lora). Prints a table per part and writes everything to --json.
+rows of memory and finetune_lora). Prints a table per part and writes everything to --json.
 """
 
 import argparse
 import contextlib
 import ctypes
 import gc
+import importlib.util
 import io
 import json
 import math
@@ -33,15 +34,15 @@ import torch
 import torch.nn.functional as F
 import transformers
 from PIL import Image
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from data import LLaVADataset, Processor, collate, pack_step, padded_step, start_worker
-from main import (FINETUNE_CONFIG, VLMConfig, build_model, build_optimizer, data_workers, forward_backward, to_device,
-                  train, with_micro_batches)
+from main import (CPU_BATCH_SIZE, FINETUNE_CONFIG, VLMConfig, build_model, build_optimizer, data_workers, forward_backward,
+                  packs, step_share, train, with_micro_batches)
+from memory import DoesNotFit, Layout, estimator, fit_micro_batch, state_bytes
 from model import SIGLIP_PREPROCESSING, TinyVLM, autocast, pick_compile, pick_device, pick_dtype
-from sources import IGNORE_INDEX, decode_image, llava_to_messages, open_data, tokenize
+from sources import (IGNORE_INDEX, check_entry, decode_image, llava_to_messages, load_llava_json, open_data,
+                     open_image_source)
 from syncs import SyncRecorder
 from synthetic import (CC3M_ENTRIES, TOKENIZER_DIR, cc3m_like_entries, cc3m_like_jpeg, cc3m_like_samples, cc3m_like_zip,
                        encoded_samples, instruct_like_samples, llava_caption_set, make_scale_set, mix665k_like_entries,
@@ -367,14 +368,15 @@ def bench_step(args, tokenizer, device, dtype) -> list[dict]:
 
 def default_config_token_shares(tokenizer, steps: int = 64) -> list[dict]:
     """The share of real tokens in the token slots of stage 1's default steps on CC3M-like lengths (lengths
-    only: no model runs), by how a step's share is cut into micro-batches and padded."""
-    processor = random_model(True, torch.float32, "eager", tokenizer, torch.device("cpu")).processor
+    only: no model runs), by how a step's share is cut into micro-batches: padded (in stream order, by length),
+    or packed by data.pack_step into one row per micro-batch (varlen attention, the GPU default; the slots a
+    16 GB card and an 80 GB one get, from bench.py --parts memory) or into rows of max_length (a mask)."""
+    processor = Processor(tokenizer, SIGLIP_PREPROCESSING, "<image>", 49)  # SigLIP-base at 224 px, pixel shuffle 2
     rows = []
     for batch_size, accumulation in ((64, 4), (128, 2), (256, 1)):
         share = batch_size * accumulation
         entries = cc3m_like_entries(share * steps, seed=1)
-        lengths = [len(processor.encode_llava(e["conversations"])[0])
-                   for e in entries]
+        lengths = [len(ids) for ids, _ in processor.encode_llava_many([e["conversations"] for e in entries])]
         for layout, multiple in (("stream order", 1), ("by length", 1), ("by length, widths rounded up to 8", 8)):
             real = slots = 0
             for start in range(0, len(lengths), share):
@@ -386,45 +388,16 @@ def default_config_token_shares(tokenizer, steps: int = 64) -> list[dict]:
                     slots += len(micro) * -(-max(micro) // multiple) * multiple
             rows.append({"config": f"{batch_size} x {accumulation}", "layout": layout, "real_token_share": real / slots,
                          "mean_tokens": sum(lengths) / len(lengths), "longest": max(lengths)})
-    return rows
-
-
-def activation_memory(model: TinyVLM, micro_batch: dict, device, dtype) -> float:
-    """Peak bytes of the tensors one forward and backward of micro_batch creates, weights not included,
-    measured without computing anything: the model runs on fake tensors (FakeTensorMode), which know their
-    sizes, and LiveBytes keeps count of those alive. The sizes are those any device would allocate."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    trained = [p for p in model.parameters() if p.requires_grad]
-    with FakeTensorMode(allow_non_fake_inputs=True), LiveBytes() as live:
-        with autocast(device, dtype):
-            loss = model(**to_device(micro_batch, device))
-        torch.autograd.grad(loss / max(micro_batch["num_targets"], 1), trained)
-    return live.peak
-
-
-def bench_memory(args, tokenizer, device, dtype) -> list[dict]:
-    """Stage 1's training memory at real sizes for micro-batches of 64, 128 and 256 CC3M-like samples (the
-    longest in the set: a micro-batch as wide as the step's widest): the weights in the run dtype, the
-    projector's gradient and AdamW state, and the activations of one forward and backward (activation_memory),
-    against a 48 GB A40 and an 80 GB H100 with 25% to spare (for the CUDA allocator's rounding and cache, the
-    CUDA context and kernels' workspaces)."""
-    dtype = torch.bfloat16  # a GPU's; nothing is computed, so the CPU's own dtype does not matter here
-    model = random_model(args.tiny, dtype, "sdpa", tokenizer, device)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    trained = sum(p.numel() for p in model.projector.parameters())
-    states = trained * 4 * 3  # float32 gradient, exp_avg and exp_avg_sq
-    samples = [s for s in encoded_samples(model, cc3m_like_entries(256, seed=2), VLMConfig.max_length)]
-    longest = max(samples, key=lambda s: len(s["input_ids"]))
-    rows = []
-    for batch_size in (8, 64, 128, 256):
-        batch = collate([longest] * batch_size, tokenizer.pad_token_id, model.image_token_id)
-        activations = activation_memory(model, batch, device, dtype)
-        total = weights + states + activations
-        rows.append({"micro_batch": batch_size, "tokens_per_sample": batch["input_ids"].shape[1],
-                     "weights_gb": weights / 1e9, "gradient_and_adamw_gb": states / 1e9,
-                     "activations_gb": activations / 1e9, "total_gb": total / 1e9,
-                     "fits_a40_48gb_with_25pct": 1.25 * total <= 48e9, "fits_h100_80gb_with_25pct": 1.25 * total <= 80e9})
+    samples = [{"input_ids": [0] * n, "labels": [IGNORE_INDEX] * n, "pixels": None} for n in lengths]
+    max_length = VLMConfig.max_length
+    for layout, budget, fill in (("packed, one row per micro-batch of up to 8,192 slots", 8192, 8192),
+                                 ("packed, one row per micro-batch of up to 65,536 slots", 65536, 65536),
+                                 (f"packed, rows of {max_length} under a mask", 8192, max_length)):
+        batches = [b for start in range(0, len(samples), 256)
+                   for b in pack_step(samples[start:start + 256], max_length, budget, 0, fill)]
+        rows.append({"config": "256 x 1", "layout": layout, "real_token_share": real_token_share(batches),
+                     "micro_batches_per_step": len(batches) / steps, "mean_tokens": sum(lengths) / len(lengths),
+                     "longest": max(lengths)})
     return rows
 
 
@@ -433,48 +406,62 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, 
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, head_dim=64)
 
 
-def stage2_model(tokenizer, device, dtype, sizes: dict | None, lora_rank: int) -> TinyVLM:
-    """Stage 2's model as build_model makes it, random weights at real sizes: SigLIP-base frozen in `dtype`,
-    the projector, and SmolLM2-135M (sizes None) or a Llama of `sizes` (LLAMA_1B), trained whole in float32
-    or, with lora_rank, frozen in `dtype` with LoRA adapters of that rank."""
-    model = random_model(False, dtype, "sdpa", tokenizer, device)
+def stage_model(tokenizer, device, dtype, sizes: dict | None, stage: str = "finetune", lora_rank: int = 0,
+                attention: str = "sdpa") -> TinyVLM:
+    """A stage's model as build_model makes it, random weights at real sizes: SigLIP-base frozen in `dtype`, the
+    projector in float32, and SmolLM2-135M (sizes None) or a Llama of `sizes` (LLAMA_1B): frozen in `dtype` in
+    stage 1 and under LoRA (with float32 adapters of rank lora_rank), trained whole in float32 in stage 2."""
+    model = random_model(False, dtype, attention, tokenizer, device)
     if sizes:
-        model.lm = LlamaForCausalLM(LlamaConfig(**sizes, pad_token_id=tokenizer.pad_token_id)).to(dtype)
+        model.lm = LlamaForCausalLM(LlamaConfig(**sizes, pad_token_id=tokenizer.pad_token_id,
+                                                attn_implementation=attention)).to(dtype).requires_grad_(False)
         model.projector = type(model.projector)(model.vision.config.hidden_size, 12288, sizes["hidden_size"], 2)
     model.config = replace(model.config, lora_rank=lora_rank)
     if lora_rank:
         model.add_lora()
-    else:
+    elif stage == "finetune":
         model.lm.float().requires_grad_(True)
     model.vision.requires_grad_(False)
     return model.to(device)
 
 
 STAGE2_LMS = (("SmolLM2-135M", None), ("1B (Llama-3.2-1B sizes)", LLAMA_1B))
+CARDS_GB = (16, 24, 48, 80)  # a T4 or V100 16GB, an RTX 4090, an A40, an A100 or H100 80GB
+CUDA_CONTEXT_GB = 1.0  # what a card holds before a run allocates anything: the CUDA context, the driver's reserve
 
 
-def bench_finetune_memory(args, tokenizer, device, dtype) -> list[dict]:
-    """Stage 2's training memory at real sizes, full finetuning against LoRA (rank 16), for SmolLM2-135M and a
-    1B-class LM (LLAMA_1B): the weights (the LM in float32 when it trains whole, in bf16 when frozen under
-    LoRA), float32 gradients and AdamW state of what trains, and the activations of one micro-batch of 16
-    LLaVA-Instruct-like conversations padded to the longest (fake tensors, as bench_memory)."""
-    dtype = torch.bfloat16
+def bench_memory(args, tokenizer, device, dtype) -> list[dict]:
+    """The micro-batch main.py chooses on a GPU, card by card (16, 24, 48 and 80 GB), for stage 1, stage 2
+    and stage 2 with LoRA (rank 16), with SmolLM2-135M and a 1B-class LM (LLAMA_1B): packed with varlen
+    attention at the stage's defaults (stage 1: 256 samples a step of up to 256 tokens; stage 2: 128 of up to
+    2048), and its estimated peak (memory.fit_micro_batch: fake tensors at real sizes, nothing computed, so the
+    figures are any device's). The weights are made on the meta device and given memory they never touch. A
+    card's memory for the run is its size less CUDA_CONTEXT_GB."""
+    dtype = torch.bfloat16  # a GPU's; nothing is computed, so the CPU's own dtype does not matter here
     rows = []
     for name, sizes in STAGE2_LMS:
-        for lora_rank in (0, 16):
-            model = stage2_model(tokenizer, device, dtype, sizes, lora_rank)
-            trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            weights = sum(p.numel() * p.element_size() for p in model.parameters())
-            samples = instruct_like_samples(model, 16, seed=3)
-            batch = collate(samples, tokenizer.pad_token_id, model.image_token_id)
-            activations = activation_memory(model, batch, device, dtype)
-            total = weights + trained * 4 * 3 + activations
-            rows.append({"language_model": name, "training": f"LoRA rank {lora_rank}" if lora_rank else "full",
-                         "trained_params_m": trained / 1e6, "weights_gb": weights / 1e9,
-                         "gradient_and_adamw_gb": trained * 12 / 1e9, "activations_gb": activations / 1e9,
-                         "tokens_per_sample": batch["input_ids"].shape[1], "total_gb": total / 1e9})
-            print(rows[-1], flush=True)
-            del model
+        for stage, lora_rank in (("pretrain", 0), ("finetune", 0), ("finetune", 16)):
+            with torch.device("meta"):
+                model = stage_model(tokenizer, torch.device("meta"), dtype, sizes, stage, lora_rank, "varlen")
+            model = model.to_empty(device=device)
+            defaults = FINETUNE_CONFIG if stage == "finetune" else {}
+            max_length = defaults.get("max_length", VLMConfig.max_length)
+            layout = Layout(True, True, max_length, defaults.get("global_batch", VLMConfig.global_batch))
+            estimate = estimator(model, layout, device, dtype)
+            training = "stage 1" if stage == "pretrain" else f"stage 2{', LoRA 16' if lora_rank else ''}"
+            for card in CARDS_GB:
+                row = {"card_gb": card, "training": training, "language_model": name,
+                       "state_gb": state_bytes(model) / 1e9}
+                try:
+                    size, _ = fit_micro_batch(model, layout, device, dtype, (card - CUDA_CONTEXT_GB) * 1e9,
+                                              f"a {card} GB card")
+                    row.update(micro_batch_tokens=size, samples_at_max_length=size // max_length,
+                               estimated_peak_gb=estimate(size) / 1e9, note="")
+                except DoesNotFit as error:
+                    row.update(micro_batch_tokens=0, estimated_peak_gb=float("nan"), note=str(error).split(":")[0])
+                rows.append(row)
+                print(rows[-1], flush=True)
+            del model, estimate
     return rows
 
 
@@ -497,7 +484,7 @@ def bench_finetune_lora(args, tokenizer, device, dtype) -> list[dict]:
             row = {"language_model": name, "training": f"LoRA rank {lora_rank}" if lora_rank else "full",
                    "batch_size": args.finetune_batch_size}
             with torch.device("meta"):  # sizes only, no memory
-                model = stage2_model(tokenizer, torch.device("meta"), dtype, sizes, lora_rank)
+                model = stage_model(tokenizer, torch.device("meta"), dtype, sizes, "finetune", lora_rank)
             trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
             needed = sum(p.numel() * p.element_size() for p in model.parameters()) + trained * 4 * 3
             available = available_memory(device)
@@ -508,7 +495,7 @@ def bench_finetune_lora(args, tokenizer, device, dtype) -> list[dict]:
                 print(rows[-1], flush=True)
                 continue
             idle = memory_now_and_reset_peak(device)
-            model = stage2_model(tokenizer, device, dtype, sizes, lora_rank)
+            model = stage_model(tokenizer, device, dtype, sizes, "finetune", lora_rank)
             model.checkpoint_language_model()
             cfg = VLMConfig(stage="finetune", lora_rank=lora_rank)
             optimizer = build_optimizer(cfg, model, device)
@@ -538,24 +525,6 @@ def bench_finetune_lora(args, tokenizer, device, dtype) -> list[dict]:
     return rows
 
 
-class LiveBytes(TorchDispatchMode):
-    """The peak of the bytes held by the tensors created inside it (their storages, each counted once)."""
-
-    def __init__(self):
-        super().__init__()
-        self.alive, self.peak = {}, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in torch.utils._pytree.tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor):
-                storage = StorageWeakRef(tensor.untyped_storage())
-                self.alive.setdefault(storage.cdata, (storage, tensor.untyped_storage().nbytes()))
-        self.alive = {key: (ref, size) for key, (ref, size) in self.alive.items() if not ref.expired()}
-        self.peak = max(self.peak, sum(size for _, size in self.alive.values()))
-        return out
-
-
 def bench_data(args, tokenizer, worker_counts=None, repeats: int = 1, images_per_worker: int = 0) -> list[dict]:
     """Images/s of the whole input pipeline (zip read, JPEG decode, resize, stored tokens, collate), by the
     number of DataLoader workers. Each of --data_images JPEGs is read `repeats` times (as separate entries);
@@ -572,8 +541,8 @@ def bench_data(args, tokenizer, worker_counts=None, repeats: int = 1, images_per
                    for i, entry in enumerate(cc3m_like_entries(args.data_images * repeats))]
         with open(f"{folder}/chat.json", "w") as f:
             json.dump(entries, f)
-        store, images, _, _ = open_data(f"{folder}/chat.json", zip_path, True)
-        dataset = LLaVADataset(tokenize(store, processor), images, processor)  # as main.py reads it
+        store, images, _, _ = open_data(f"{folder}/chat.json", zip_path, True, processor=processor)
+        dataset = LLaVADataset(store, images, processor)  # as main.py reads it
         for workers in worker_counts:
             if workers > cpus:
                 continue
@@ -638,8 +607,11 @@ class BeforeDataset(torch.utils.data.Dataset):
 
 
 def now_stages(dataset: LLaVADataset, index: int, clock) -> dict:
-    """LLaVADataset.__getitem__ on a tokenized store, its stages timed one by one."""
-    input_ids, labels, names = dataset.entries.encoded(index)
+    """LLaVADataset's sample of tokenized entries (sources.open_data), its stages timed one by one; "tokenize"
+    is reading the stored token ids."""
+    row = dataset.entries.select_columns(["input_ids", "targets", "image"])[index]
+    input_ids = np.asarray(row["input_ids"], dtype=np.int64)
+    labels, names = np.where(row["targets"], input_ids, IGNORE_INDEX), row["image"]
     clock("tokenize")
     data = dataset.images.read(names[0])
     clock("zip read")
@@ -705,8 +677,8 @@ def bench_data_profile(args, tokenizer) -> list[dict]:
             entries = [dict(e, image=f"{e['id']}.jpg") for e in cc3m_like_entries(count)]
             with open(f"{folder}/chat.json", "w") as f:
                 json.dump(entries, f)
-            store, images, _, _ = open_data(f"{folder}/chat.json", f"{folder}/images.zip", True)
-            now = LLaVADataset(tokenize(store, processor), images, processor)
+            store, images, _, _ = open_data(f"{folder}/chat.json", f"{folder}/images.zip", True, processor=processor)
+            now = LLaVADataset(store, images, processor)
             before = BeforeDataset(entries, images, processor)
             kb = os.path.getsize(f"{folder}/images.zip") / count / 1024
             for version, dataset, stages in (("before", before, before.stages),
@@ -751,7 +723,8 @@ def scale_child(data_path: str, image_root: str, workers: int, batches: int) -> 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     processor = Processor(tokenizer, SIGLIP_PREPROCESSING, "<image>", 49)
     cpu = torch.device("cpu")
-    cfg = with_micro_batches(VLMConfig(data_path=data_path, image_root=image_root, num_workers=workers), cpu)
+    cfg = with_micro_batches(VLMConfig(data_path=data_path, image_root=image_root, num_workers=workers), None, cpu,
+                             torch.float32)
     start, cpu_start = time.perf_counter(), time.process_time()
     train, val, skipped = load_data(cfg, processor, log=lambda text: None)
     opened, open_cpu = time.perf_counter() - start, time.process_time() - cpu_start
@@ -858,11 +831,11 @@ def default_path(args, tokenizer, device) -> dict:
     folder = tempfile.mkdtemp(prefix="tinyvlm-path-")
     steps, log_every = args.path_steps, 2 if args.tiny else 5
     models = model_folders(folder, tokenizer, tiny=args.tiny)
-    cfg = with_micro_batches(VLMConfig(), device)
+    cfg = VLMConfig()  # on a GPU: packed rows of the micro-batch its memory fits, the worst case run first
     if args.tiny:
         cfg = replace(cfg, batch_size=8, grad_accum_steps=2, vision_feature_layer=-1, projector_hidden_dim=64,
                       max_length=128)
-    per_step = cfg.batch_size * cfg.grad_accum_steps
+    per_step = step_share(cfg, 1)
     data = llava_caption_set(folder, per_step * steps, args.path_val, distinct_images=512)
     cfg = replace(cfg, **models, **data, num_workers=-1, max_steps=steps, warmup_steps=2,
                   eval_every=steps // 2, save_every=steps, sample_every=0, log_every=log_every,
@@ -871,13 +844,17 @@ def default_path(args, tokenizer, device) -> dict:
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     start = time.perf_counter()
-    result = {"steps": steps, "micro_batches": f"{cfg.batch_size} x {cfg.grad_accum_steps}",
-              "workers": data_workers(cfg.num_workers), "compile": pick_compile(cfg.compile, device) or "off"}
+    result = {"steps": steps, "workers": data_workers(cfg.num_workers),
+              "compile": pick_compile(cfg.compile, device) or "off"}
     try:
         run_dir = train_run(cfg)
     except Exception as error:  # a sync under check_syncs, say: reported with where it happened
         result.update(ok=False, error=f"{type(error).__name__}: {error}"[-3000:])
         return result
+    with open(os.path.join(run_dir, "checkpoint", "training_config.json")) as f:  # as the run worked it out
+        ran = json.load(f)
+    result["micro_batches"] = (f"{ran['max_tokens_per_batch']:,} token slots packed" if packs(VLMConfig(**ran), device)
+                               else f"{ran['batch_size']} x {ran['grad_accum_steps']}")
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rates = [row["train/samples_per_s"] for row in map(json.loads, f) if "train/samples_per_s" in row]
     steady = sorted(rates[2:] or rates[-1:])[len(rates[2:] or rates[-1:]) // 2]  # median, after two intervals
@@ -897,9 +874,17 @@ def run_quietly(function, *args):
 
 
 def train_run(cfg: VLMConfig) -> str:
+    """main.py's training of cfg. Where datasets is not installed (a bare GPU machine), its JSON entries are
+    read as a list, whose samples LLaVADataset tokenizes as they are loaded (tests/test_bench.py runs this)."""
     device = torch.device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    return run_quietly(lambda: train(cfg, build_model(cfg, device, dtype), device, dtype))
+    model = build_model(cfg, device, dtype)
+    data = None
+    if importlib.util.find_spec("datasets") is None:
+        images = open_image_source(cfg.image_root)
+        data = tuple(LLaVADataset([e for e in load_llava_json(path) if check_entry(e, True) is None], images,
+                                  model.processor, cfg.max_length) for path in (cfg.data_path, cfg.val_data_path)) + ({},)
+    return run_quietly(lambda: train(cfg, model, device, dtype, data=data))
 
 
 def bench_train_speed(args, tokenizer, device, dtype) -> list[dict]:
@@ -975,7 +960,7 @@ def cc3m_epoch(speed_rows: list[dict], data_rows: list[dict], device_name: str, 
 
 
 GPU_TESTS = ["-m", "gpu", "tests/test_train.py", "tests/test_generate.py", "tests/test_compile.py",
-             "tests/test_syncs.py", "tests/test_model.py"]
+             "tests/test_syncs.py", "tests/test_model.py", "tests/test_varlen.py"]
 
 
 def gpu_tests(test_args: list[str]) -> dict:
@@ -1025,7 +1010,7 @@ def run_gpu_suite(args, tokenizer, device, dtype, report: dict) -> bool:
     if part("packing", bench_packing, args, tokenizer, device, dtype):
         print_table("padded, length-grouped and packed micro-batches", report["packing"],
                     ["stage", "layout", "attention", "real_token_share", "timed_batch", "micro_batches_per_step",
-                     "tokens_per_s", "speedup", "error"])
+                     "tokens_per_s", "samples_per_s", "speedup", "error"])
     if part("generate", bench_generate, args, tokenizer, device, dtype):
         print_table(f"generation ({args.new_tokens} new tokens per image)", report["generate"],
                     ["batch_size", "decoding", "images_per_s", "new_tokens_per_s"])
@@ -1044,45 +1029,55 @@ def run_gpu_suite(args, tokenizer, device, dtype, report: dict) -> bool:
 # Packing
 
 
-def step_batches(share: list[dict], layout: str, batch_size: int, max_length: int, max_tokens: int, pad: int) -> list:
-    """One process's share of a step as micro-batches: padded in stream order (TinyVLM without packing),
-    length-grouped (sorted by length, then cut into micro-batches of batch_size, as LLaVA's
-    group_by_modality_length does within a mega-batch), or packed (data.pack_step)."""
-    if layout.startswith("packed"):  # "packed": rows of max_length; "packed N": rows filled up to N tokens
-        return pack_step(share, max_length, max_tokens, pad, int(layout.split()[1]) if " " in layout else 0)
+def step_batches(share: list[dict], layout: str, batch_size: int, max_length: int, max_tokens: int, pad: int,
+                 image: int | None = None) -> list:
+    """One process's share of a step as micro-batches: padded in stream order (padding alone), length-grouped
+    (sorted by length, then cut into micro-batches of batch_size: data.padded_step, main.py's without packing),
+    packed in rows (data.pack_step: "packed", rows of max_length; "packed N", rows filled up to N tokens, under
+    a block-diagonal mask), or packed in one row per micro-batch of max_tokens slots ("one row": varlen's)."""
+    if layout == "one row":
+        return pack_step(share, max_length, max_tokens, pad, max_tokens, image)
+    if layout.startswith("packed"):
+        return pack_step(share, max_length, max_tokens, pad, int(layout.split()[1]) if " " in layout else 0, image)
     if layout == "grouped":
-        share = sorted(share, key=lambda s: len(s.get("input_ids", ())))
-    return [collate(share[i:i + batch_size], pad) for i in range(0, len(share), batch_size)]
+        return padded_step(share, batch_size, pad, image)
+    return [collate(share[i:i + batch_size], pad, image) for i in range(0, len(share), batch_size)]
 
 
 def real_token_share(batches: list[dict]) -> float:
     return sum(b["num_tokens"] for b in batches) / max(1, sum(b["input_ids"].numel() for b in batches))
 
 
-def packing_variants(args, device, max_length: int) -> list[tuple[str, str]]:
-    """(layout, LM attention) pairs to time: padded, length-grouped and packed with --attention (packed rows
-    with transformers' block-diagonal mask: every token scores its whole row), then packed with sdpa_varlen
-    (attention per conversation), with rows also filled only up to --pack_lengths, and with flex attention
-    (block-sparse; it has no backward on CPUs)."""
-    variants = [("padded", args.attention), ("grouped", args.attention), ("packed", args.attention)]
-    variants += [(layout, "sdpa_varlen") for layout in ["packed"] + [
-        f"packed {n}" for n in args.pack_lengths.split(",") if n and int(n) < max_length]]
+def packing_variants(args, device, max_length: int, stage: str) -> list[tuple[str, str]]:
+    """(layout, LM attention) pairs to time: padded and length-grouped with --attention (sdpa on GPUs: flash,
+    no mask); packed rows with sdpa and the block-diagonal mask (every token scores its whole row: varlen's
+    fallback), with rows of --pack_lengths in stage 2; on GPUs (and with tiny models) one row per micro-batch
+    with varlen (flash attention per conversation, no mask; on CPUs its dense reference), and flex attention
+    (block-sparse; it has no backward on CPUs); on CPUs sdpa_varlen (sdpa once per conversation)."""
+    variants = [("padded", args.attention), ("grouped", args.attention), ("packed", "sdpa")]
+    if stage.startswith("stage 2"):
+        variants += [(f"packed {n}", "sdpa") for n in args.pack_lengths.split(",") if n and int(n) < max_length]
+    if device.type == "cuda" or args.tiny:
+        variants.append(("one row", "varlen"))
     if device.type == "cuda":
         variants.append(("packed", "flex_attention"))
-    return list(dict.fromkeys(variants))  # --attention sdpa_varlen: each pair once
+    else:
+        variants += [(layout, "sdpa_varlen") for layout, attention in variants if attention == "sdpa"]
+    return list(dict.fromkeys(variants))  # --attention sdpa: each pair once
 
 
 def bench_packing(args, tokenizer, device, dtype) -> list[dict]:
-    """Share of real tokens in the token slots (over many steps, lengths only) and trained tokens/s (a few
-    timed steps of the whole model) for padded, length-grouped and packed micro-batches, on stage-2
-    (llava_v1_5_mix665k-like) and stage-1 (CC3M-like) data. Every layout trains on the same step shares."""
+    """Share of real tokens in the token slots (over many steps of the default config, lengths only) and trained
+    tokens/s and samples/s (a few timed steps of the whole model) for padded, length-grouped and packed
+    micro-batches (packing_variants: stage 1 padded against packed, stage 2 masked against varlen, on a GPU),
+    on stage-2 (llava_v1_5_mix665k-like) and stage-1 (CC3M-like) data. Every layout trains the same samples."""
     rows = []
     finetune = dict(VLMConfig().__dict__, **FINETUNE_CONFIG)
-    stage1 = with_micro_batches(VLMConfig(), device)
-    stages = [("stage 2, mix665k-like", mix665k_like_entries, finetune["max_length"], finetune["batch_size"],
-               finetune["grad_accum_steps"], args.packing_batch_size, args.packing_grad_accum),
-              ("stage 1, CC3M-like", cc3m_like_entries, VLMConfig.max_length, stage1.batch_size,
-               stage1.grad_accum_steps, args.packing_batch_size * 4, 1)]
+    # the default configs' step shares (stage 2's micro-batch as on CPUs: 16 samples; stage 1's as on GPUs: 256)
+    stages = [("stage 2, mix665k-like", mix665k_like_entries, finetune["max_length"], CPU_BATCH_SIZE["finetune"],
+               finetune["global_batch"] // CPU_BATCH_SIZE["finetune"], args.packing_batch_size, args.packing_grad_accum),
+              ("stage 1, CC3M-like", cc3m_like_entries, VLMConfig.max_length, VLMConfig.global_batch, 1,
+               args.packing_batch_size * 4, 1)]
     for stage, make_entries, max_length, batch_size, accum, timed_batch_size, timed_accum in stages:
         model = random_model(args.tiny, dtype, args.attention, tokenizer, device)
         decoder = model.lm.get_decoder()
@@ -1103,16 +1098,17 @@ def bench_packing(args, tokenizer, device, dtype) -> list[dict]:
         optimizer = torch.optim.AdamW(trained, lr=1e-5, fused=device.type == "cuda")
         scaler = torch.amp.GradScaler(device.type, enabled=False)
         timed_share = timed_batch_size * timed_accum
-        warm_up = step_batches(samples[-timed_batch_size:], "padded", timed_batch_size, max_length, 0, pad)
+        image = model.image_token_id
+        warm_up = step_batches(samples[-timed_batch_size:], "padded", timed_batch_size, max_length, 0, pad, image)
         forward_backward(model, warm_up, device, dtype, scaler)  # allocations, kernels, AdamW state: untimed
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        variants = packing_variants(args, device, max_length)
+        variants = packing_variants(args, device, max_length, stage)
         seconds, errors = dict.fromkeys(variants, 0.0), {}
         steps = [samples[step * timed_share:(step + 1) * timed_share] for step in range(args.packing_steps)]
         # every variant trains the same steps, as its layout splits them into micro-batches
         step_layouts = {(layout, attention): [step_batches(share_samples, layout, timed_batch_size, max_length,
-                                                           timed_batch_size * max_length, pad)
+                                                           timed_batch_size * max_length, pad, image)
                                               for share_samples in steps] for layout, attention in variants}
         # rounds take the variants in alternating order, so that a slow spell of this (shared, noisy) machine
         # does not fall on one variant alone
@@ -1136,7 +1132,7 @@ def bench_packing(args, tokenizer, device, dtype) -> list[dict]:
         share = batch_size * accum  # the default config's share of a step, for the token slots
         for layout, attention in variants:
             slots = [b for i in range(0, len(samples) - share + 1, share) for b in step_batches(
-                samples[i:i + share], layout, batch_size, max_length, batch_size * max_length, pad)]
+                samples[i:i + share], layout, batch_size, max_length, batch_size * max_length, pad, image)]
             timed = [b for batches in step_layouts[layout, attention] for b in batches]
             error = errors.get((layout, attention))
             rows.append({"stage": stage, "layout": layout, "attention": attention,
@@ -1147,6 +1143,8 @@ def bench_packing(args, tokenizer, device, dtype) -> list[dict]:
                          "timed_real_token_share": real_token_share(timed),
                          "tokens_per_s": None if error else
                          args.packing_rounds * sum(b["num_tokens"] for b in timed) / seconds[layout, attention],
+                         "samples_per_s": None if error else
+                         args.packing_rounds * sum(b["num_samples"] for b in timed) / seconds[layout, attention],
                          **({"error": error} if error else {})})
             print(rows[-1])
         stage_rows = [row for row in rows if row["stage"] == stage]
@@ -1188,7 +1186,7 @@ def main() -> int:
     parser.add_argument("--compile_backend", default="inductor", help="torch.compile's, for the suite's compiled "
                         "runs (the tests use aot_eager: inductor takes minutes to compile on 2 CPU cores)")
     parser.add_argument("--parts", default="train,finetune,data,generate",
-                        help="comma-separated, of: train, step, memory, finetune, finetune_memory, finetune_lora, "
+                        help="comma-separated, of: train, step, memory, finetune, finetune_lora, "
                              "data, data_scale, packing, generate")
     parser.add_argument("--batch_size", type=int, default=None, help="training batch (default: 8 on CPU, 64 on GPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 5; the suite 10, tiny 2)")
@@ -1267,9 +1265,7 @@ def main() -> int:
                                      "real_token_share", "syncs_per_step"])
         report["token_shares"] = default_config_token_shares(tokenizer)
         print_table("stage 1's real-token share on CC3M-like lengths", report["token_shares"],
-                    ["config", "layout", "real_token_share", "mean_tokens", "longest"])
-    if "finetune_memory" in parts:
-        report["finetune_memory"] = bench_finetune_memory(args, tokenizer, device, dtype)
+                    ["config", "layout", "real_token_share", "micro_batches_per_step", "mean_tokens", "longest"])
     if "finetune_lora" in parts:
         report["finetune_lora"] = bench_finetune_lora(args, tokenizer, device, dtype)
         print_table("stage 2's training step, full finetuning and LoRA (rank 16), gradient checkpointing",
@@ -1277,10 +1273,10 @@ def main() -> int:
                                               "step_ms", "samples_per_s", "peak_memory_gb", "note"])
     if "memory" in parts:
         report["memory"] = bench_memory(args, tokenizer, device, dtype)
-        print_table("stage 1's training memory by micro-batch (weights, gradient and AdamW, activations)",
-                    report["memory"], ["micro_batch", "tokens_per_sample", "weights_gb", "gradient_and_adamw_gb",
-                                       "activations_gb", "total_gb", "fits_a40_48gb_with_25pct",
-                                       "fits_h100_80gb_with_25pct"])
+        print_table("the micro-batch chosen for each card (main.py on a GPU, batch_size -1; packed, varlen; fake "
+                    "tensors)", report["memory"], ["card_gb", "training", "language_model", "state_gb",
+                                                   "micro_batch_tokens", "samples_at_max_length", "estimated_peak_gb",
+                                                   "note"])
     if "finetune" in parts:
         report["finetune"] = bench_finetune(args, tokenizer, device, dtype)
         print_table("stage-2 training step (language model trained too)", report["finetune"],
@@ -1299,7 +1295,7 @@ def main() -> int:
         report["packing"] = bench_packing(args, tokenizer, device, dtype)
         print_table("padded, length-grouped and packed micro-batches", report["packing"],
                     ["stage", "layout", "attention", "real_token_share", "timed_batch", "micro_batches_per_step",
-                     "timed_real_token_share", "tokens_per_s", "speedup", "error"])
+                     "timed_real_token_share", "tokens_per_s", "samples_per_s", "speedup", "error"])
     if "data_scale" in parts:
         report["data_scale"] = bench_data_scale(args)
         print_table("input pipeline at scale (main process + workers, proportional set size)", report["data_scale"],

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-ATTENTIONS = ("auto", "eager", "sdpa", "sdpa_varlen", "flash_attention_2", "flex_attention")
+ATTENTIONS = ("auto", "eager", "sdpa", "sdpa_varlen", "varlen", "flash_attention_2", "flex_attention")
 # model.pick_dtype's rule, for the programs' --dtype
 DTYPE_HELP = "auto: bfloat16 on GPUs that have it, else float16; on CPUs bfloat16 with AMX or AVX512-BF16, else float32"
 
@@ -32,3 +32,10 @@ def exit_if_problems(program: str, problems: list[str]) -> None:
     if problems:
         print("\n".join(f"{program}: error: {problem}" for problem in problems), file=sys.stderr)
         sys.exit(2)
+
+
+def expandable_segments(environ) -> None:
+    """CUDA's caching allocator with segments that grow (expandable_segments), unless its settings were given:
+    every training step's shapes differ, and fixed-size segments then fragment the card's memory."""
+    if "PYTORCH_ALLOC_CONF" not in environ and "PYTORCH_CUDA_ALLOC_CONF" not in environ:
+        environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"

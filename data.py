@@ -206,29 +206,39 @@ SKIPPED_WHEN_LOADED = ("image missing", "image unreadable", "too long")  # the r
 
 
 class LLaVADataset(Dataset):
-    """LLaVA entries (a list, or an EntryStore) as training samples; an entry may have several images. A
-    sample that cannot be used (its image is missing, truncated or
-    unreadable, or it is longer than max_length tokens) comes back as {"skipped": reason}; the collate
-    function drops it and counts it, so one bad file never stops a run."""
+    """LLaVA entries as training samples: the rows of a datasets.Dataset (sources.open_data; tokenized there
+    once, or here) or a list of entries; an entry may have several images. A sample that cannot be used (its
+    image is missing, truncated or unreadable, or it is longer than max_length tokens) comes back as
+    {"skipped": reason}; the collate function drops it and counts it, so one bad file never stops a run."""
 
-    def __init__(self, entries: list, image_source, processor: Processor, max_length: int = 2048):
+    def __init__(self, entries, image_source, processor: Processor, max_length: int = 2048):
         self.entries, self.images, self.processor, self.max_length = entries, image_source, processor, max_length
+        self.tokenized = "input_ids" in getattr(entries, "column_names", ())
 
     def __len__(self):
         return len(self.entries)
 
     def __getitem__(self, index: int) -> dict:
-        if getattr(self.entries, "tokens", None) is not None:  # tokenized once (data.tokenize)
-            input_ids, labels, names = self.entries.encoded(index)
-        else:
-            entry = self.entries[index]
-            input_ids, labels = self.processor.encode_llava(entry["conversations"])
-            names = image_names(entry)
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """The samples at indices: a DataLoader worker fetches a whole step's with one read of the table."""
+        if self.tokenized:
+            rows = self.entries.select_columns(["input_ids", "targets", "image"])[indices]  # columns of the rows
+            return [self.sample(np.asarray(ids, dtype=np.int64), np.where(targets, ids, IGNORE_INDEX), names)
+                    for ids, targets, names in zip(rows["input_ids"], rows["targets"], rows["image"])]
+        entries = self.entries[indices] if hasattr(self.entries, "column_names") else [self.entries[i] for i in indices]
+        if isinstance(entries, dict):  # a Dataset's rows come as columns
+            entries = [dict(zip(entries, values)) for values in zip(*entries.values())]
+        return [self.sample(*self.processor.encode_llava(entry["conversations"]), image_names(entry))
+                for entry in entries]
+
+    def sample(self, input_ids, labels, names: list | None) -> dict:
         if len(input_ids) > self.max_length:
             return {"skipped": "too long"}
-        images = []
         if names is None:  # open_data never lets such an entry through; a hand-made list might
             return {"skipped": "image missing"}
+        images = []
         for name in names:  # the k-th image fills the k-th run of image tokens
             try:
                 images.append(decode_image(self.images.read(name), self.processor.image_size[::-1]))
@@ -284,6 +294,16 @@ def collate(samples: list[dict], pad_token_id: int, image_token_id: int | None =
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "pixels": pixels,
             **model_positions(input_ids, labels, image_token_id), "skipped": skip_counts(samples),
             "num_samples": len(kept), "num_tokens": int(attention_mask.sum())}
+
+
+MODEL_INPUTS = ("input_ids", "labels", "pixels", "position_ids", "image_positions", "target_positions", "cu_seq_lens")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A micro-batch's model inputs on the device (and max_seq_length, a host number). From pinned memory (the
+    DataLoader pins batches on CUDA) the copies are asynchronous: the host queues them and moves on."""
+    inputs = {key: batch[key].to(device, non_blocking=True) for key in MODEL_INPUTS if batch.get(key) is not None}
+    return inputs | ({"max_seq_length": batch["max_seq_length"]} if "max_seq_length" in batch else {})
 
 
 def padded_step(samples: list[dict], batch_size: int, pad_token_id: int, image_token_id: int | None = None) -> list:
@@ -346,15 +366,20 @@ def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:
     return rows
 
 
-def packed_batch(rows: list[list[dict]], pad_token_id: int, image_token_id: int | None = None) -> dict:
+def packed_batch(rows: list[list[dict]], pad_token_id: int, image_token_id: int | None = None,
+                 max_seq_length: int = 0) -> dict:
     """Rows of whole samples laid end to end, padded to the fullest row. Position ids restart at 0 for each
-    sample (and for the padding after the last one); the model builds from them a block-diagonal causal mask
-    (model.packed_attention_mask), so no sample attends to another. Images follow the samples in row-major
-    order, the order of their runs of placeholders."""
+    sample (and for the padding after the last one); from them the model builds a block-diagonal causal mask
+    (attention.training_attention_mask), so no sample attends to another, or varlen attention takes the
+    sequences' bounds: cu_seq_lens (int32, where each sample and each row's padding starts and ends in the
+    flattened rows) and max_seq_length (no sequence is longer; at least the max_seq_length given, so that
+    it stays the same from batch to batch). Images follow the samples in row-major order, the order of their
+    runs of placeholders."""
     width = max((sum(len(s["input_ids"]) for s in row) for row in rows), default=0)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (rows, width)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # (rows, width)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)  # (rows, width)
+    sequence_lengths = []
     for r, row in enumerate(rows):
         start = 0
         for sample in row:
@@ -365,10 +390,13 @@ def packed_batch(rows: list[list[dict]], pad_token_id: int, image_token_id: int 
             position_ids[r, start:start + n] = torch.arange(n)
             start += n
         position_ids[r, start:] = torch.arange(width - start)  # the padding: a sequence of its own
+        sequence_lengths += [len(s["input_ids"]) for s in row] + ([width - start] if width > start else [])
     images = [s["pixels"].reshape(-1, *s["pixels"].shape[-3:]) for row in rows for s in row if s["pixels"] is not None]
     pixels = torch.cat(images) if images else None  # (num_images, 3, H, W) uint8
     num_tokens = sum(len(s["input_ids"]) for row in rows for s in row)
+    cu_seq_lens = torch.tensor([0, *np.cumsum(sequence_lengths, dtype=np.int64)], dtype=torch.int32)  # (sequences + 1,)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "pixels": pixels,
+            "cu_seq_lens": cu_seq_lens, "max_seq_length": max([max_seq_length, *sequence_lengths]),
             **model_positions(input_ids, labels, image_token_id), "skipped": {},
             "num_samples": sum(map(len, rows)), "num_tokens": num_tokens}
 
@@ -379,13 +407,14 @@ def pack_step(samples: list[dict], row_length: int, max_tokens_per_batch: int, p
     (pack_rows; 0: row_length, the longest a sample may be), a longer sample in a row of its own. The rows,
     widest first, go into micro-batches as wide as their widest row, of at most max_tokens_per_batch token
     slots; a micro-batch ends early where rows get narrower than 90% of its width, so little is padding.
-    Under a block-diagonal mask each token's attention costs its row's width, so shorter rows cost less of it
-    (model.sdpa_varlen charges only the conversation's). The step trains on the same samples as unpacked, in
-    fewer, fuller micro-batches; how many depends on their lengths. Skipped samples are counted in the first
-    micro-batch, which is empty when all were skipped."""
+    Under a block-diagonal mask each token's attention costs its row's width, so rows are kept short
+    (stage 2: 512); varlen attention costs each token its own conversation only, so there a micro-batch is one
+    row as wide as max_tokens_per_batch (fill_length), and every slot holds a real token. The step trains on
+    the same samples as unpacked, in fewer, fuller micro-batches; how many depends on their lengths. Skipped
+    samples are counted in the first micro-batch, which is empty when all were skipped."""
     if max_tokens_per_batch < row_length:
         raise ValueError(f"max_tokens_per_batch={max_tokens_per_batch} must be at least max_length={row_length}")
-    fill_length = min(fill_length or row_length, row_length)
+    fill_length = min(fill_length or row_length, max_tokens_per_batch)
     kept = [s for s in samples if "skipped" not in s]
     if any(len(s["input_ids"]) > row_length for s in kept):  # main.py skips them before; a row must hold one
         raise ValueError(f"a sample of {max(len(s['input_ids']) for s in kept)} tokens does not fit a row of "
@@ -401,9 +430,9 @@ def pack_step(samples: list[dict], row_length: int, max_tokens_per_batch: int, p
         while (end < len(order) and (end - start + 1) * width <= max_tokens_per_batch
                and widths[order[end]] >= 0.9 * width):
             end += 1
-        batches.append(packed_batch([rows[r] for r in order[start:end]], pad_token_id, image_token_id))
+        batches.append(packed_batch([rows[r] for r in order[start:end]], pad_token_id, image_token_id, row_length))
         start = end
-    batches = batches or [packed_batch([], pad_token_id, image_token_id)]
+    batches = batches or [packed_batch([], pad_token_id, image_token_id, row_length)]
     batches[0]["skipped"] = skip_counts(samples)
     return batches
 

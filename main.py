@@ -20,7 +20,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 
-from cli import as_bool, exit_if_problems
+from cli import as_bool, exit_if_problems, expandable_segments
 
 
 @dataclass
@@ -48,16 +48,17 @@ class VLMConfig:
     gradient_checkpointing: bool = False  # recompute LM activations in the backward pass: less memory
     lora_rank: int = 0  # stage 2: train LoRA adapters (peft) of the LM's projections instead of all its weights
     lora_alpha: float = 32.0  # the adapters' scale is lora_alpha / lora_rank
-    # optimisation (LLaVA stage 1: global batch 256, lr 1e-3, warmup 3%, cosine, one epoch)
-    # -1: 256 on CUDA (it fits a 48 GB A40 with room to spare: bench.py --parts memory), 64 elsewhere; never
-    # more than the global batch of 256 shared among the processes
-    batch_size: int = -1  # per device and micro-batch
-    grad_accum_steps: int = -1  # global batch = batch_size * grad_accum_steps * processes; -1: 256 in all
+    # optimisation (LLaVA stage 1: global batch 256, lr 1e-3, warmup 3%, cosine, one epoch). On GPUs, batch_size
+    # -1 (and max_tokens_per_batch 0) sizes the micro-batch for the card's free memory at start-up, and the
+    # worst micro-batch the run can meet runs first (memory.py); on CPUs -1 is 64 (stage 2: 16)
+    global_batch: int = 256  # samples per optimizer step, all processes together, when batch_size or grad_accum_steps is -1
+    batch_size: int = -1  # samples per device and micro-batch; -1: what fits the GPU (CPUs: 64, stage 2: 16)
+    grad_accum_steps: int = -1  # micro-batches per step; -1: as many as global_batch takes
     # packing: a step trains on the same samples, laid end to end in rows instead of padded, in micro-batches
     # of at most max_tokens_per_batch tokens (data.pack_step); no sample sees another
-    packing: bool = False  # lay a step's samples end to end in rows instead of padding them (stage 2: true)
-    max_tokens_per_batch: int = 0  # token slots in a packed micro-batch; 0: batch_size * max_length
-    pack_length: int = 0  # rows are filled up to this many tokens, longer samples get one each; 0: max_length
+    packing: str = "auto"  # lay a step's samples end to end instead of padding them (true, false); auto: GPUs, stage 2
+    max_tokens_per_batch: int = 0  # token slots in a packed micro-batch; 0: what fits the GPU (CPU: batch_size x max_length)
+    pack_length: int = 0  # rows are filled up to this many tokens under a block-diagonal mask; 0: max_length
     epochs: float = 1.0  # passes over the training data
     max_steps: int = -1  # -1: as many optimizer steps as `epochs` takes
     lr: float = 1e-3  # the projector's
@@ -70,7 +71,7 @@ class VLMConfig:
     # precision and device
     device: str = "auto"  # auto: cuda, then mps, then cpu
     dtype: str = "auto"  # auto: bf16 on GPUs that have it, else fp16; CPUs: bf16 with AMX or AVX512-BF16, else fp32
-    attn_implementation: str = "auto"  # auto: sdpa on GPUs; CPUs: sdpa_varlen with packing, else eager
+    attn_implementation: str = "auto"  # auto: packed, varlen on GPUs and sdpa_varlen on CPUs; padded, sdpa and eager
     compile: str = "auto"  # torch.compile the encoder, projector and LM layers: auto (CUDA only), true, false, a backend
     check_syncs: bool = False  # raise if a step after the first that logs nothing waits for the device (syncs.py)
     seed: int = 1337  # the data order, the validation split and the initial projector
@@ -123,6 +124,7 @@ if __name__ == "__main__":  # --help and a mistyped flag answer here, in a secon
     parse_args(sys.argv[1:])
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizer threads fight DataLoader workers
+expandable_segments(os.environ)  # before torch loads
 
 import torch
 import torch.distributed as dist
@@ -132,12 +134,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data import (SKIPPED_WHEN_LOADED, LLaVADataset, StreamSampler, collate, encoder_image_size, pack_step, padded_step,
-                  start_worker)
+                  start_worker, to_device)
 from sources import (IGNORE_INDEX, IMAGE_ERRORS, DataError, check_data_paths, decode_image, first_answer, first_question,
-                     open_data, split_entries, tokenize, without_long_samples)
+                     image_names, open_data, split_entries, without_long_samples)
+from attention import pick_attention, varlen_problem
 from model import (ModelConfig, TinyVLM, autocast, find_model_folder, model_folder_problems,
-                   image_token_count, pick_attention, pick_compile, pick_device, pick_dtype,
-                   runtime_problems)
+                   image_token_count, pick_compile, pick_device, pick_dtype, runtime_problems)
+from memory import (DoesNotFit, Layout, available_memory, describe, fit_micro_batch, fit_shared_memory, rehearse,
+                    shared_memory_free, worst_case_batches)
 from syncs import no_syncs
 
 
@@ -145,7 +149,7 @@ from syncs import no_syncs
 # Packed into rows of up to 512 tokens, with attention per conversation: most token slots hold real tokens
 # instead of padding (bench.py --parts packing; docs/measurements.md).
 FINETUNE_CONFIG = dict(data_path="data/llava_v1_5_mix665k.json", image_root="data/llava_images", max_length=2048,
-                       batch_size=16, grad_accum_steps=8, packing=True, pack_length=512, lr=2e-5, lm_lr=2e-5,
+                       global_batch=128, pack_length=512, lr=2e-5, lm_lr=2e-5,
                        eval_every=200, save_every=1000)
 
 
@@ -191,8 +195,8 @@ def config_problems(cfg: VLMConfig, check_paths: bool = True) -> list[str]:
             problems.append(f"--{name} {getattr(cfg, name)!r}: {what}")
 
     for name in ("batch_size", "grad_accum_steps"):
-        need(getattr(cfg, name) >= 1 or getattr(cfg, name) == -1, name, "must be 1 or more, or -1 (256 a step in all)")
-    for name in ("max_length", "projector_hidden_dim", "pixel_shuffle_factor"):
+        need(getattr(cfg, name) >= 1 or getattr(cfg, name) == -1, name, "must be 1 or more, or -1 (automatic)")
+    for name in ("max_length", "projector_hidden_dim", "pixel_shuffle_factor", "global_batch"):
         need(getattr(cfg, name) >= 1, name, "must be 1 or more")
     need(cfg.val_size >= 1 or bool(cfg.val_data_path), "val_size", "must be 1 or more, or pass --val_data_path")
     for name in ("eval_every", "save_every", "sample_every", "log_every", "num_sample_images",
@@ -215,7 +219,8 @@ def config_problems(cfg: VLMConfig, check_paths: bool = True) -> list[str]:
         problems.append(f"--compile {cfg.compile!r}: {error}")
     if cfg.stage == "finetune" and not cfg.init_from and not cfg.resume:
         problems.append("--stage finetune: needs --init_from, the stage-1 model or run folder it starts from")
-    if cfg.packing and 0 < cfg.max_tokens_per_batch < cfg.max_length:
+    need(str(cfg.packing) == "auto" or as_bool(str(cfg.packing)) is not None, "packing", "must be auto, true or false")
+    if as_bool(str(cfg.packing)) and 0 < cfg.max_tokens_per_batch < cfg.max_length:
         need(False, "max_tokens_per_batch", f"must hold one row of --max_length {cfg.max_length} tokens")
     if not check_paths:
         return problems
@@ -259,20 +264,119 @@ def local_image_tokens(cfg: VLMConfig) -> int | str | None:
         return str(error)
 
 
-GLOBAL_BATCH = 256  # LLaVA's stage 1
+CPU_BATCH_SIZE = {"pretrain": 64, "finetune": 16}  # batch_size -1 on CPUs (bench.py --parts step)
 
 
-def with_micro_batches(cfg: VLMConfig, device: torch.device, world_size: int = 1) -> VLMConfig:
-    """cfg with batch_size and grad_accum_steps of -1 worked out for this device and number of processes: on
-    CUDA one micro-batch of 256 per step (a larger micro-batch does the same work in fewer, larger kernels),
-    elsewhere 4 of 64; a global batch of 256 either way."""
-    batch_size = cfg.batch_size
-    if batch_size == -1:
-        batch_size = max(1, min(256 if device.type == "cuda" else 64, GLOBAL_BATCH // world_size))
-    grad_accum_steps = cfg.grad_accum_steps
-    if grad_accum_steps == -1:
-        grad_accum_steps = max(1, GLOBAL_BATCH // (batch_size * world_size))
-    return replace(cfg, batch_size=batch_size, grad_accum_steps=grad_accum_steps)
+def packs(cfg: VLMConfig, device: torch.device) -> bool:
+    """Whether the run packs its samples (--packing): auto packs on GPUs, where varlen attention makes every
+    token slot a real token at flash speed, and in stage 2 on CPUs (instruction conversations vary in length
+    far more than captions do)."""
+    if str(cfg.packing) == "auto":
+        return device.type == "cuda" or cfg.stage == "finetune"
+    return bool(as_bool(str(cfg.packing)))
+
+
+def step_share(cfg: VLMConfig, world_size: int) -> int:
+    """The samples each process takes in a step: batch_size x grad_accum_steps, or its part of global_batch."""
+    if cfg.batch_size > 0 and cfg.grad_accum_steps > 0:
+        return cfg.batch_size * cfg.grad_accum_steps
+    return max(1, cfg.global_batch // world_size)
+
+
+def micro_batch_layout(cfg: VLMConfig, model: TinyVLM, device: torch.device, world_size: int) -> Layout:
+    return Layout(packs(cfg, device), model.lm.config._attn_implementation == "varlen", cfg.max_length,
+                  step_share(cfg, world_size))
+
+
+def sizes_automatically(cfg: VLMConfig, device: torch.device) -> bool:
+    """Whether this run's micro-batch is chosen for the device's memory: on GPUs (checks_before_training), with
+    batch_size -1 (and, packed, max_tokens_per_batch 0)."""
+    return (checks_before_training(device) and cfg.batch_size == -1
+            and (not packs(cfg, device) or not cfg.max_tokens_per_batch))
+
+
+def with_micro_batches(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dtype,
+                       world_size: int = 1, log=print) -> VLMConfig:
+    """cfg with its micro-batches worked out (batch_size and grad_accum_steps of -1, max_tokens_per_batch 0) for
+    this device and number of processes, a step of global_batch samples in all. On a GPU, with -1, the largest
+    micro-batch whose worst case fits its free memory (memory.fit_micro_batch; one line says what and why): a
+    number of samples for padded batches, of token slots for packed ones, where a process's whole step is one
+    stream of samples. On CPUs 64 samples (stage 2: 16), and packed micro-batches of batch_size x max_length
+    slots."""
+    share = step_share(cfg, world_size)
+    if sizes_automatically(cfg, device):
+        layout = micro_batch_layout(cfg, model, device, world_size)
+        size, line = fit_micro_batch(model, layout, device, dtype, *available_memory(device), world_size)
+        if dist.is_initialized():  # every process takes the same size: the smallest any chose
+            smallest = torch.tensor([size], device=device)
+            dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+            size = int(smallest.item())
+        log(line)
+        return with_micro_batch_size(cfg, layout, size)
+    batch_size = cfg.batch_size if cfg.batch_size > 0 else min(share, CPU_BATCH_SIZE[cfg.stage])
+    if cfg.grad_accum_steps > 0 and cfg.batch_size == -1:
+        batch_size = max(1, share // cfg.grad_accum_steps)
+    grad_accum_steps = cfg.grad_accum_steps if cfg.grad_accum_steps > 0 else max(1, share // batch_size)
+    tokens = cfg.max_tokens_per_batch or (batch_size * cfg.max_length if packs(cfg, device) else 0)
+    return replace(cfg, batch_size=batch_size, grad_accum_steps=grad_accum_steps, max_tokens_per_batch=tokens)
+
+
+def with_micro_batch_size(cfg: VLMConfig, layout: Layout, size: int) -> VLMConfig:
+    """cfg with micro-batches of `size`: token slots when packed (a process's step then one stream of its
+    samples), else samples (the step that many times over)."""
+    if layout.packed:
+        return replace(cfg, batch_size=layout.samples_per_step, grad_accum_steps=1, max_tokens_per_batch=size)
+    return replace(cfg, batch_size=size, grad_accum_steps=max(1, layout.samples_per_step // size))
+
+
+def checks_before_training(device: torch.device) -> bool:
+    """Whether the run checks, before its first step, its attention kernel (varlen against sdpa) and its memory
+    (the worst micro-batch run first): on GPUs, where either can fail; the tests turn it on for CPUs."""
+    return device.type == "cuda"
+
+
+def checked_attention(model: TinyVLM, dtype: torch.dtype, log) -> None:
+    """varlen attention confirmed on this GPU (attention.varlen_problem), or replaced by sdpa with the block-
+    diagonal mask of packed rows, in one line saying why."""
+    if model.lm.config._attn_implementation != "varlen":
+        return
+    problem = varlen_problem(model.lm, dtype)
+    if problem:
+        model.lm.set_attn_implementation("sdpa")
+        log(f"varlen attention: {problem}; packed rows use sdpa with a block-diagonal mask instead")
+
+
+def after_the_worst_case(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dtype,
+                         world_size: int, automatic: bool, log) -> VLMConfig:
+    """cfg once the worst micro-batches the run can meet (memory.worst_case_batches) have run a forward and
+    backward with AdamW's state held besides: an out-of-memory error comes now, not hours in. Where the size
+    was chosen from an estimate, an out-of-memory error halves it, once, and says so; otherwise, or the second
+    time, DoesNotFit names the setting to lower. Every process runs it, on its own (no gradient is synced), and
+    they agree on the outcome."""
+    layout = micro_batch_layout(cfg, model, device, world_size)
+    size = cfg.max_tokens_per_batch if layout.packed else cfg.batch_size
+    setting = "--max_tokens_per_batch" if layout.packed else "--batch_size"
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    for attempt in (1, 2):
+        out_of_memory = False
+        try:
+            for batch in worst_case_batches(model, layout, size):
+                rehearse(model, batch, device, dtype, trained * 4 * (2 + (world_size > 1)))
+        except torch.OutOfMemoryError:
+            out_of_memory = True
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if all_reduce_sum(torch.tensor([float(out_of_memory)], device=device)).item() == 0:
+            return with_micro_batch_size(cfg, layout, size)
+        smaller = max(cfg.max_length, size // 2) if layout.packed else size // 2
+        if not automatic or attempt == 2 or smaller in (0, size):
+            raise DoesNotFit(f"out of memory on the worst micro-batch the run can meet, {describe(layout, size)}: "
+                             f"lower {setting} (now {size}) or --max_length (now {cfg.max_length}), or in stage 2 "
+                             "set --gradient_checkpointing true or --lora_rank 16")
+        log(f"out of memory on the worst micro-batch the run can meet, {describe(layout, size)}: halved to "
+            f"{describe(layout, smaller)}")
+        size = smaller
+    return cfg
 
 
 def command_line(cfg: VLMConfig) -> list[str]:
@@ -415,21 +519,19 @@ class Logger:
 
 def load_data(cfg: VLMConfig, processor, log) -> tuple[LLaVADataset, LLaVADataset]:
     """Train and validation datasets. Entries that cannot be trained on are skipped and counted here, at
-    start-up, those longer than max_length tokens among them (every entry is tokenized once, data.tokenize);
+    start-up, those longer than max_length tokens among them (every entry is tokenized once, sources.tokenize);
     samples whose image turns out bad are skipped and counted as they are loaded. Under torchrun the first
     process builds the caches while the others wait, then they read them."""
     require_image = cfg.stage == "pretrain"  # stage 2 mixes text-only samples in, as LLaVA-1.5 does
     if dist.is_initialized() and dist.get_rank() != 0:
         dist.barrier()
 
-    def tokenized(data_path: str, split: str):
-        entries, images, skipped, examples = open_data(data_path, cfg.image_root, require_image, cfg.data_subset,
-                                                       split)
-        return tokenize(entries, processor), images, skipped, examples
+    def opened(data_path: str, split: str):
+        return open_data(data_path, cfg.image_root, require_image, cfg.data_subset, split, processor)
 
-    entries, images, skipped, examples = tokenized(cfg.data_path, cfg.data_split)
+    entries, images, skipped, examples = opened(cfg.data_path, cfg.data_split)
     if cfg.val_data_path:
-        val, val_images, val_skipped, _ = tokenized(cfg.val_data_path, cfg.val_data_split)
+        val, val_images, val_skipped, _ = opened(cfg.val_data_path, cfg.val_data_split)
         train = entries
         skipped.update({f"val {reason}": n for reason, n in val_skipped.items()})
     else:
@@ -474,15 +576,6 @@ def what_to_change(cfg: VLMConfig, skipped: dict) -> str:
     if "image" in reason:
         return "check --image_root (the images' folder or .zip) against the entries' image paths"
     return "see the examples above, and --data_path"
-
-
-MODEL_INPUTS = ("input_ids", "labels", "pixels", "position_ids", "image_positions", "target_positions")
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """A micro-batch's model inputs on the device. From pinned memory (the DataLoader pins batches on CUDA) the
-    copies are asynchronous: the host queues them and moves on."""
-    return {key: batch[key].to(device, non_blocking=True) for key in MODEL_INPUTS if batch.get(key) is not None}
 
 
 def idle_batch(model: TinyVLM) -> dict:
@@ -536,11 +629,12 @@ def readable_images(dataset: LLaVADataset, count: int) -> tuple[list[dict], list
     for entry in dataset.entries:
         if len(entries) == count:
             break
-        if not isinstance(entry.get("image"), str):  # samples to caption show one image each
+        names = image_names(entry)
+        if not names or len(names) > 1:  # samples to caption show one image each
             continue
         try:
-            images.append(decode_image(dataset.images.read(entry["image"])))
-            entries.append(entry)
+            images.append(decode_image(dataset.images.read(names[0])))
+            entries.append(dict(entry, image=names[0]))
         except IMAGE_ERRORS:
             continue
     return entries, images
@@ -584,7 +678,7 @@ def build_model(cfg: VLMConfig, device: torch.device, dtype: torch.dtype) -> Tin
     frozen_dtype = dtype if dtype != torch.float16 else torch.float32  # fp16 weights would need loss scaling
     # the LM trains in float32 in stage 2; with LoRA only the adapters train (in float32) and the LM stays frozen
     lm_dtype = torch.float32 if cfg.stage == "finetune" and not cfg.lora_rank else frozen_dtype
-    attention = pick_attention(cfg.attn_implementation, device, cfg.packing)
+    attention = pick_attention(cfg.attn_implementation, device, packs(cfg, device))
     if cfg.init_from:
         model = TinyVLM.from_pretrained(find_model_folder(cfg.init_from), frozen_dtype, attention, lm_dtype)
     else:
@@ -619,24 +713,32 @@ def build_optimizer(cfg: VLMConfig, model: TinyVLM, device: torch.device) -> tor
 
 
 def build_loaders(cfg: VLMConfig, train_set, val_set, processor, position: int, rank: int, world_size: int,
-                  device: torch.device) -> tuple[DataLoader, DataLoader]:
+                  device: torch.device, one_row: bool = False, log=print) -> tuple[DataLoader, DataLoader]:
     """The endless training stream from `position` on, and this process's share of the validation set. One
     item of the stream is this process's whole share of a step, cut into micro-batches by length (padded)
-    or packed into rows (packing); its samples are this process's slices of each global micro-batch."""
+    or packed (one row each under varlen attention, one_row; rows of pack_length under a mask); its samples
+    are this process's slices of each global micro-batch. The workers' items in flight are kept within
+    /dev/shm (memory.fit_shared_memory)."""
     tokens = dict(pad_token_id=processor.tokenizer.pad_token_id, image_token_id=processor.image_token_id)
-    if cfg.packing:
-        step_collate = partial(pack_step, row_length=cfg.max_length, max_tokens_per_batch=cfg.max_tokens_per_batch
-                               or cfg.batch_size * cfg.max_length, fill_length=cfg.pack_length, **tokens)
+    packed = packs(cfg, device)
+    if packed:
+        step_collate = partial(pack_step, row_length=cfg.max_length, max_tokens_per_batch=cfg.max_tokens_per_batch,
+                               fill_length=cfg.max_tokens_per_batch if one_row else cfg.pack_length, **tokens)
     else:
         step_collate = partial(padded_step, batch_size=cfg.batch_size, **tokens)
-    workers = data_workers(cfg.num_workers)
+    share = cfg.batch_size * cfg.grad_accum_steps
+    item_bytes = share * (3 * math.prod(processor.image_size) + 4 * 8 * cfg.max_length)  # pixels, ids, labels, ...
+    workers, prefetch, line = fit_shared_memory(data_workers(cfg.num_workers), item_bytes, shared_memory_free())
+    if line:
+        log(line)
     options = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=start_worker)
     sampler = StreamSampler(len(train_set), cfg.seed, position, cfg.batch_size, rank, world_size)
-    train_loader = DataLoader(train_set, sampler=sampler, batch_size=cfg.batch_size * cfg.grad_accum_steps,
-                              collate_fn=step_collate, persistent_workers=workers > 0, **options)
+    train_loader = DataLoader(train_set, sampler=sampler, batch_size=share, collate_fn=step_collate,
+                              persistent_workers=workers > 0, prefetch_factor=prefetch if workers else None, **options)
     val_subset = torch.utils.data.Subset(val_set, list(range(rank, len(val_set), world_size)))
-    return train_loader, DataLoader(val_subset, batch_size=cfg.batch_size, collate_fn=partial(collate, **tokens),
-                                    **options)
+    # validation runs without gradients, padded: as many samples as a training micro-batch holds at their longest
+    val_batch = max(1, cfg.max_tokens_per_batch // cfg.max_length) if packed else cfg.batch_size
+    return train_loader, DataLoader(val_subset, batch_size=val_batch, collate_fn=partial(collate, **tokens), **options)
 
 
 def data_workers(requested: int) -> int:
@@ -782,16 +884,23 @@ def catch_stop_signals() -> tuple[list, dict]:
 
 
 def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dtype, rank: int = 0,
-          world_size: int = 1) -> str:
-    """The training loop. Returns the run folder."""
+          world_size: int = 1, data: tuple | None = None) -> str:
+    """The training loop. Returns the run folder. data: the (training, validation, skipped) that load_data
+    would give, made otherwise (bench.py's GPU suite on a machine without datasets)."""
     is_main = rank == 0
     log = tqdm.write if is_main else (lambda text: None)
-    cfg = with_micro_batches(cfg, device, world_size)
     run_dir = new_run_folder(cfg)
+    checking = checks_before_training(device)
+    if checking:
+        checked_attention(model, dtype, log)
+    automatic = sizes_automatically(cfg, device)
+    cfg = with_micro_batches(cfg, model, device, dtype, world_size, log)
+    if checking:
+        cfg = after_the_worst_case(cfg, model, device, dtype, world_size, automatic, log)
     if is_main:
         os.makedirs(run_dir, exist_ok=True)
         log("config:\n" + json.dumps(asdict(cfg), indent=2))
-    train_set, val_set, skipped_entries = load_data(cfg, model.processor, log)
+    train_set, val_set, skipped_entries = data or load_data(cfg, model.processor, log)
     global_batch = cfg.batch_size * cfg.grad_accum_steps * world_size
     max_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * len(train_set) / global_batch)
     decay_steps = cfg.lr_decay_steps if cfg.lr_decay_steps > 0 else max_steps
@@ -804,7 +913,7 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
         progress = restore_checkpoint(run_dir, model, optimizer, scaler, device, rank)
         log(f"resumed {run_dir} at step {progress.step} (sample {progress.position})")
     train_loader, val_loader = build_loaders(cfg, train_set, val_set, model.processor, progress.position, rank,
-                                             world_size, device)
+                                             world_size, device, model.lm.config._attn_implementation == "varlen", log)
     log(f"data: {len(train_set)} training and {len(val_set)} validation samples, {train_loader.num_workers} "
         f"DataLoader workers per process, steps of {cfg.batch_size} x {cfg.grad_accum_steps} x {world_size}")
     trainer = wrapped_for_ddp(model, device)
@@ -833,9 +942,11 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
             micro_batches = next(batches)
             progress.position += global_batch
             progress.count_skipped(micro_batches)
-            # the first step compiles and warms up (work done once, which may wait for the device); from the
-            # second on, a step that logs nothing must not
-            with no_syncs(device, cfg.check_syncs and step > 1 and not any(periodic.values())):
+            # the first step compiles and warms up (work done once, which may wait for the device), and under
+            # DistributedDataParallel the second rebuilds its gradient buckets, reading their order back; from
+            # then on, a step that logs nothing must not wait for the device
+            first_checked = 3 if dist.is_initialized() else 2
+            with no_syncs(device, cfg.check_syncs and step >= first_checked and not any(periodic.values())):
                 lr_scale = lr_factor(progress.step, warmup_steps, decay_steps, cfg.min_lr_ratio)
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * lr_scale
@@ -905,7 +1016,7 @@ def main(argv: list[str]) -> None:
     try:
         model = build_model(cfg, device, dtype)
         train(cfg, model, device, dtype, rank, world_size)
-    except DataError as error:  # data found bad while loading: the message says which file and setting
+    except (DataError, DoesNotFit) as error:  # the message says which file or setting
         print(f"main.py: error: {error}", file=sys.stderr)
         sys.exit(1)
     if dist.is_initialized():

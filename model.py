@@ -8,20 +8,18 @@ import json
 import os
 import re
 import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import (AttentionInterface, AttentionMaskInterface, AutoConfig, AutoModel, AutoModelForCausalLM,
-                          AutoTokenizer, CLIPVisionModel, SiglipVisionModel, StoppingCriteria, StoppingCriteriaList,
-                          TextIteratorStreamer)
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, SiglipVisionModel,
+                          StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer)
 from transformers.image_processing_utils import ImageProcessingMixin
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
 
+from attention import given_masks, pick_attention, training_attention_mask
 from cli import ATTENTIONS, DTYPES, as_bool
 from data import Processor, collate, encoder_image_size, model_positions
 from sources import IGNORE_INDEX
@@ -113,50 +111,6 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16_matmul() else torch.float32
-
-
-@torch.compiler.disable  # the conversations' bounds are data: a compiled layer would recompile for each batch
-def sdpa_varlen(module, query, key, value, attention_mask, position_ids=None, **kwargs):
-    """sdpa that runs once per conversation of packed rows (data.packed_batch), as flash-attention's varlen
-    kernels do. Plain sdpa scores every token of a packed row against the whole row and masks out the other
-    conversations; here a token costs only its own conversation. A conversation starts where the position ids
-    restart at 0; the block-diagonal mask of packed rows (training_attention_mask) is then not needed. Batches
-    whose position ids do not restart (padded batches, generation with its cache) get plain sdpa. For CPUs:
-    the conversations' bounds are read back from the device in every layer, which on a GPU would stall its
-    queue 30 times a step (pick_attention). query: (B, heads, T, head_dim), key and value:
-    (B, kv_heads, T, head_dim); returns (B, T, heads, head_dim), as sdpa does."""
-    batch, heads, length, head_dim = query.shape
-    if position_ids is None or key.shape[2] != length or not (position_ids[:, 1:] == 0).any():
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    starts = position_ids.expand(batch, -1) == 0  # (B, T)
-    starts[:, 0] = True  # a conversation never runs on into the next row
-    bounds = [*starts.flatten().nonzero().flatten().tolist(), batch * length]
-    lengths = [end - start for start, end in zip(bounds, bounds[1:])]
-
-    def conversations(x):  # (B, h, T, d) -> (h, B*T, d), rows end to end, split into conversations
-        # split, not slicing: the backward of a slice would add a zero gradient as big as x for each one
-        return x.transpose(0, 1).reshape(x.shape[1], batch * length, x.shape[3]).split(lengths, dim=1)
-
-    out = torch.cat([sdpa_attention_forward(module, q[None], k[None], v[None], None, **kwargs)[0]  # causal
-                     for q, k, v in zip(conversations(query), conversations(key), conversations(value))], dim=1)
-    return out.view(batch, length, heads, head_dim), None
-
-
-# transformers' documented way to add an attention implementation. Its mask is sdpa's, for batches that are not
-# packed (generation); packed rows come with the model's own block-diagonal mask, which sdpa_varlen leaves unused.
-AttentionInterface.register("sdpa_varlen", sdpa_varlen)
-AttentionMaskInterface.register("sdpa_varlen", sdpa_mask)
-
-
-def pick_attention(name: str, device: torch.device, packing: bool = False) -> str:
-    """"auto": sdpa on GPUs. On CPUs, sdpa_varlen for packed batches (faster there than sdpa with the
-    block-diagonal mask) and eager otherwise, where sdpa's backward is slower (bench.py --parts step and
-    --parts packing; docs/measurements.md)."""
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "sdpa"
-    return "sdpa_varlen" if packing else "eager"
 
 
 def pick_compile(name: str, device: torch.device) -> str | None:
@@ -305,52 +259,6 @@ def keep_vision_layers(encoder: nn.Module, feature_layer: int) -> None:
     setattr(encoder, "layers" if hasattr(encoder, "layers") else "layer", layers[:keep])
 
 
-def training_attention_mask(input_ids: torch.Tensor, position_ids, implementation: str, dtype: torch.dtype):
-    """The attention mask of a training batch, (B, 1, T, T), built on the device, or None:
-    - a right-padded batch needs none: every real token comes before every pad and, attending causally, sees
-      only real tokens; the pads carry no targets. sdpa then runs its causal kernels (flash attention and
-      native grouped-query attention on GPUs). Eager attention is not causal by itself: it gets the causal mask.
-    - packed rows (position ids given, restarting at 0 where a conversation starts) get the block-diagonal
-      causal mask, so that no conversation sees another: booleans for sdpa, additive floats for eager.
-    - flash-attention kernels take no mask: transformers finds the conversations in position_ids itself."""
-    if implementation.startswith("flash") or (position_ids is None and implementation != "eager"):
-        return None
-    length = input_ids.shape[1]
-    allowed = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()[None]  # (1, T, T)
-    if position_ids is not None:
-        conversation = (position_ids == 0).cumsum(-1)  # (B, T): which conversation of its row a token is in
-        allowed = allowed & (conversation[:, :, None] == conversation[:, None, :])  # (B, T, T)
-    allowed = allowed.expand(input_ids.shape[0], -1, -1)[:, None]  # (B, 1, T, T)
-    if implementation == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
-    return allowed
-
-
-# transformers builds an LM's attention mask from the padding mask or the position ids it is given, and reads
-# one of them back on the host to decide whether the mask can be skipped: a sync in every forward. TinyVLM's
-# training forward knows its mask already (training_attention_mask), so it runs the LM under these names, for
-# which no mask function is registered: transformers then builds no mask and passes on the one given, or none.
-# (A 4D mask, as packed rows and eager attention get, is passed on as it is under any name.)
-GIVEN_MASK = "tinyvlm_given_mask:"
-AttentionInterface.register(GIVEN_MASK + "sdpa", sdpa_attention_forward)
-AttentionInterface.register(GIVEN_MASK + "sdpa_varlen", sdpa_varlen)
-
-
-@contextmanager
-def given_masks(language_model: nn.Module):
-    """Within: the language model takes its attention mask as given (see GIVEN_MASK), under the alias of its
-    attention implementation; outside, it is its usual self (generation, export)."""
-    implementation = language_model.config._attn_implementation
-    if GIVEN_MASK + implementation not in AttentionInterface._global_mapping:
-        yield
-        return
-    language_model.config._attn_implementation = GIVEN_MASK + implementation
-    try:
-        yield
-    finally:
-        language_model.config._attn_implementation = implementation
-
-
 class TinyVLM(nn.Module):
     def __init__(self, config: ModelConfig, vision: nn.Module, language_model: nn.Module, tokenizer,
                  image_settings: dict):
@@ -383,8 +291,8 @@ class TinyVLM(nn.Module):
         always kept in float32. attn_implementation is transformers' (sdpa, eager, flash_attention_2) or
         sdpa_varlen (see pick_attention)."""
         lm_path = language_model_path or config.language_model
-        vision = load_vision_model(config.vision_model, dtype,  # nothing packed there: sdpa_varlen is plain sdpa
-                                   "sdpa" if attn_implementation == "sdpa_varlen" else attn_implementation)
+        vision = load_vision_model(config.vision_model, dtype,  # nothing packed there: sdpa
+                                   "sdpa" if attn_implementation in ("sdpa_varlen", "varlen") else attn_implementation)
         image_settings, _ = ImageProcessingMixin.get_image_processor_dict(config.vision_model)
         language_model = AutoModelForCausalLM.from_pretrained(lm_path, dtype=lm_dtype or dtype,
                                                               attn_implementation=attn_implementation)
@@ -408,7 +316,9 @@ class TinyVLM(nn.Module):
 
     def add_lora(self) -> None:
         """Low-rank adapters (peft's LoRA) on the language model's attention and MLP projections; only they train.
-        The adapters start as a no-op (B = 0), so the model computes what it did."""
+        The adapters start as a no-op (B = 0), so the model computes what it did. They are float32 whatever the
+        frozen LM's dtype: peft makes them in their base layer's dtype, and in bf16 an AdamW step of 2e-5 is
+        below half a rounding step of most weights, so they would barely move (peft's PeftModel upcasts too)."""
         from peft import LoraConfig, inject_adapter_in_model  # here: runs without LoRA do not need peft
 
         config = LoraConfig(r=self.config.lora_rank, lora_alpha=self.config.lora_alpha, lora_dropout=0.0,
@@ -416,6 +326,8 @@ class TinyVLM(nn.Module):
         self.lm = inject_adapter_in_model(config, self.lm.requires_grad_(False))
         for name, parameter in self.lm.named_parameters():
             parameter.requires_grad_("lora_" in name)
+            if "lora_" in name:
+                parameter.data = parameter.data.float()
 
     def load_adapters(self, path: str) -> None:
         """LoRA adapters that save_pretrained wrote, into this model's language model (added first if need be)."""
@@ -536,24 +448,29 @@ class TinyVLM(nn.Module):
         return embeds.index_put((rows, columns), image_embeds.flatten(0, 1))  # (B, T, H)
 
     def forward(self, input_ids, labels, pixels=None, position_ids=None, image_positions=None,
-                target_positions=None, reduction: str = "sum") -> torch.Tensor:
+                target_positions=None, cu_seq_lens=None, max_seq_length=None, reduction: str = "sum") -> torch.Tensor:
         """Summed cross-entropy over the target tokens (labels != IGNORE_INDEX; per token with reduction
         "none"). The caller divides by the number of target tokens in the whole optimizer step, so every token
         weighs the same however the step is split into micro-batches. The LM head runs only at target
         positions: image and prompt positions never get (vocab-sized) logits.
 
-        A padded batch (right-padded) needs no attention mask, a packed one (data.packed_batch: position ids
-        that restart at each sample) its block-diagonal one: training_attention_mask. image_positions and
-        target_positions come from the host (data.model_positions), so that the step reads nothing back from
-        the device."""
+        A padded batch (right-padded) needs no attention mask. Packed rows (data.packed_batch: position ids that
+        restart at each sample) give varlen attention their sequences' bounds (cu_seq_lens, max_seq_length)
+        and the other implementations their block-diagonal mask (training_attention_mask). image_positions,
+        target_positions and the bounds come from the host (data.model_positions), so that the step reads
+        nothing back from the device."""
         embeds = self.embed(input_ids, pixels, image_positions)  # (B, T, H)
-        mask = training_attention_mask(input_ids, position_ids, self.lm.config._attn_implementation,
-                                       embeds.dtype)  # None or (B, 1, T, T)
+        implementation = self.lm.config._attn_implementation
+        bounds = {}
+        if implementation == "varlen" and cu_seq_lens is not None:
+            bounds = dict(cu_seq_lens_q=cu_seq_lens, max_length_q=max_seq_length)
+        mask = None if bounds else training_attention_mask(  # None or (B, 1, T, T)
+            input_ids, position_ids, "sdpa" if implementation == "varlen" else implementation, embeds.dtype)
         # use_cache=False: with a cache (the config's default), transformers ignores restarting position ids;
         # training has no use for a cache anyway, and a compiled decoder layer would guard on it
         with given_masks(self.lm):
             hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                                           use_cache=False).last_hidden_state  # (B, T, H)
+                                           use_cache=False, **bounds).last_hidden_state  # (B, T, H)
         if target_positions is None:
             target_positions = model_positions(input_ids, labels, None)["target_positions"].to(input_ids.device)
         hidden = hidden.flatten(0, 1).index_select(0, target_positions)  # (num_targets, H)

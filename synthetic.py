@@ -32,8 +32,8 @@ TINY_LM = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidd
 
 
 def language_model_config(tokenizer, tiny: bool, **overrides) -> LlamaConfig:
-    return LlamaConfig(**(TINY_LM if tiny else SMOLLM2_135M), bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **overrides)
+    return LlamaConfig(**{**(TINY_LM if tiny else SMOLLM2_135M), **overrides}, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
 # Chat LM families, tiny and random, each with its own turn format: written here in each family's layout (the

@@ -14,8 +14,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from data import LLaVADataset
 from main import VLMConfig, build_model, command_line, forward_backward, train
 from model import pick_dtype
+from sources import open_image_source
 
 CPU = torch.device("cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,6 +59,15 @@ def straight_and_resumed(cfg: VLMConfig, first_steps: int) -> tuple[str, str]:
     straight = run(dataclasses.replace(cfg, run_name="straight"))
     run(dataclasses.replace(cfg, run_name="halves", max_steps=first_steps))
     return straight, run(dataclasses.replace(cfg, run_name="halves", resume=os.path.join(cfg.out_dir, "halves")))
+
+
+def conversations(cfg, model, count: int) -> list[dict]:
+    """The first `count` stage-2 samples, text-only ones among them, each image a different one."""
+    entries = json.load(open(cfg.data_path))
+    dataset = LLaVADataset(entries[:count], open_image_source(cfg.image_root), model.processor, cfg.max_length)
+    samples = [dataset[i] for i in range(count)]
+    assert any(s["pixels"] is None for s in samples) and any(s["pixels"] is not None for s in samples)
+    return samples
 
 
 def samples(model, count: int) -> list[dict]:

@@ -53,21 +53,24 @@ def test_gpu_suite_runs_with_tiny_models_on_a_cpu(tmp_path):
         assert title in result.stdout, title
 
 
-def test_stage2_models_of_the_lora_rows_train_what_their_rows_say(tokenizer):
-    """bench.py's finetune_memory and finetune_lora rows, sized on the meta device (nothing allocated): full
-    finetuning trains the whole 1B-class LM in float32; LoRA trains the projector and the adapters only, the LM
-    frozen in bf16."""
+def test_the_models_of_the_memory_rows_train_what_their_rows_say(tokenizer):
+    """bench.py's memory and finetune_lora rows, sized on the meta device (nothing allocated): stage 1 trains the
+    projector alone; full finetuning trains the whole 1B-class LM in float32; LoRA trains the projector and the
+    adapters, in float32, the LM frozen in bf16."""
     import torch
 
     import bench
 
     with torch.device("meta"):
-        full = bench.stage2_model(tokenizer, torch.device("meta"), torch.bfloat16, bench.LLAMA_1B, 0)
-        lora = bench.stage2_model(tokenizer, torch.device("meta"), torch.bfloat16, bench.LLAMA_1B, 16)
+        stage1 = bench.stage_model(tokenizer, torch.device("meta"), torch.bfloat16, bench.LLAMA_1B, "pretrain")
+        full = bench.stage_model(tokenizer, torch.device("meta"), torch.bfloat16, bench.LLAMA_1B, "finetune", 0)
+        lora = bench.stage_model(tokenizer, torch.device("meta"), torch.bfloat16, bench.LLAMA_1B, "finetune", 16)
     assert 1.2e9 < sum(p.numel() for p in full.lm.parameters()) < 1.3e9
     assert all(p.requires_grad and p.dtype == torch.float32 for p in full.lm.parameters())
-    trained = {name for name, p in lora.named_parameters() if p.requires_grad}
+    assert {name.split(".")[0] for name, p in stage1.named_parameters() if p.requires_grad} == {"projector"}
+    assert all(p.dtype == torch.bfloat16 for p in stage1.lm.parameters())
+    trained = {name: p for name, p in lora.named_parameters() if p.requires_grad}
     assert trained and all(name.startswith("projector.") or "lora_" in name for name in trained)
-    assert any("lora_" in name for name in trained)
+    assert any("lora_" in name for name in trained) and {p.dtype for p in trained.values()} == {torch.float32}
     assert all(p.dtype == torch.bfloat16 for name, p in lora.lm.named_parameters() if "lora_" not in name)
     assert not any(p.requires_grad for p in full.vision.parameters())

@@ -11,20 +11,10 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward as sdpa
 
-from data import LLaVADataset, collate, model_positions, pack_rows, pack_step, packed_batch
-from sources import open_image_source
+from data import collate, model_positions, pack_rows, pack_step, packed_batch
 from main import build_model
-from helpers import (CPU, assert_same_updates, checkpoint_weights, gradient, initial_weights, run, straight_and_resumed,
-                     torchrun)
-
-
-def conversations(cfg, model, count: int) -> list[dict]:
-    """The first `count` stage-2 samples, text-only ones among them, each image a different one."""
-    entries = json.load(open(cfg.data_path))
-    dataset = LLaVADataset(entries[:count], open_image_source(cfg.image_root), model.processor, cfg.max_length)
-    samples = [dataset[i] for i in range(count)]
-    assert any(s["pixels"] is None for s in samples) and any(s["pixels"] is not None for s in samples)
-    return samples
+from helpers import (CPU, assert_same_updates, checkpoint_weights, conversations, gradient, initial_weights, run,
+                     straight_and_resumed, torchrun)
 
 
 def token_losses(model, batch: dict) -> torch.Tensor:
@@ -98,7 +88,7 @@ def test_changing_one_packed_conversation_leaves_its_neighbours_losses_alone(fin
 
 
 def test_sdpa_varlen_attends_within_each_conversation_alone_and_matches_eager(finetune_config, monkeypatch):
-    eager = build_model(finetune_config, CPU, torch.float32)
+    eager = build_model(dataclasses.replace(finetune_config, packing=False), CPU, torch.float32)
     varlen = build_model(dataclasses.replace(finetune_config, packing=True), CPU, torch.float32)
     # attn_implementation "auto" on a CPU: eager, or sdpa_varlen with packing
     assert (eager.lm.config._attn_implementation, varlen.lm.config._attn_implementation) == ("eager", "sdpa_varlen")
@@ -107,7 +97,7 @@ def test_sdpa_varlen_attends_within_each_conversation_alone_and_matches_eager(fi
     rows = pack_rows(lengths, finetune_config.max_length)
     packed = packed_batch([[samples[i] for i in row] for row in rows], eager.processor.tokenizer.pad_token_id)
     attended = []  # the length of each sdpa call's sequence
-    monkeypatch.setattr("model.sdpa_attention_forward", lambda module, query, *args, **kwargs: (
+    monkeypatch.setattr("attention.sdpa_attention_forward", lambda module, query, *args, **kwargs: (
         attended.append(query.shape[2]) or sdpa(module, query, *args, **kwargs)))
     with torch.no_grad():
         torch.testing.assert_close(token_losses(varlen, packed), token_losses(eager, packed), rtol=1e-4, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Data at any scale and from any source: the memory-mapped entry store and its cache, the zip index,
+"""Data at any scale and from any source: every source as one Dataset of checked entries and its cache, the zip index,
 parquet sources in the LLaVA, Cauldron and chat-messages schemas, several images per entry, wrong types and
 escaping paths, and the start-up checks."""
 
@@ -60,7 +60,7 @@ def turns(human: str, answer: str = "A colour.") -> list[dict]:
     return [{"from": "human", "value": human}, {"from": "gpt", "value": answer}]
 
 
-# -- the entry store and its cache ---------------------------------------------------------------------------
+# -- the entries and their cache ---------------------------------------------------------------------------------
 
 
 def test_the_store_gives_the_same_samples_as_a_list_of_entries_for_the_same_seed_and_position(
@@ -84,18 +84,17 @@ def test_the_store_gives_the_same_samples_as_a_list_of_entries_for_the_same_seed
         assert torch.equal(a["pixels"], b["pixels"])
 
 
-def test_the_store_is_built_once_and_rebuilt_when_the_source_changes(tmp_path, image_folder, monkeypatch):
+def test_the_entries_are_built_once_and_again_when_the_source_changes(tmp_path, image_folder, monkeypatch):
     path = tmp_path / "chat.json"
     path.write_text(json.dumps([{"id": "r", "image": "red.jpg", "conversations": turns("<image>")}]))
     assert len(open_data(str(path), image_folder, True)[0]) == 1
-    builds = []
-    original = sources.build_entry_store
-    monkeypatch.setattr(sources, "build_entry_store", lambda rows, files: builds.append(1) or original(rows, files))
-    assert len(open_data(str(path), image_folder, True)[0]) == 1 and builds == []  # the cache was reused
+    reads, load = [], sources.load_llava_json
+    monkeypatch.setattr(sources, "load_llava_json", lambda path: reads.append(path) or load(path))
+    assert len(open_data(str(path), image_folder, True)[0]) == 1 and reads == []  # the cache was reused
     entries = [{"id": name, "image": name, "conversations": turns("<image>")} for name in COLOURS]
     path.write_text(json.dumps(entries))
     store = open_data(str(path), image_folder, True)[0]
-    assert builds == [1] and [e["id"] for e in store] == list(COLOURS)
+    assert reads == [str(path)] and [e["id"] for e in store] == list(COLOURS)
     assert os.path.isdir(tmp_path / ".tinyvlm_cache")  # beside the data
 
 
@@ -107,18 +106,15 @@ def test_the_cache_goes_to_a_writable_folder_when_the_data_folder_is_read_only(t
     assert sources.cache_folder(str(tmp_path / "rw" / "chat.json")) == str(tmp_path / "rw" / ".tinyvlm_cache")
 
 
-def test_a_worker_opens_the_store_itself(tmp_path, image_folder, processor):
+def test_a_spawned_worker_reads_the_same_samples(tmp_path, image_folder, processor):
     path = tmp_path / "chat.json"
     path.write_text(json.dumps([{"id": n, "image": n, "conversations": turns("<image>")} for n in COLOURS]))
-    store, images, _, _ = open_data(str(path), image_folder, True)
-    first = store[0]  # opens the files in this process
-    state = store.__getstate__()  # what a spawned worker receives: paths and rows, no descriptor
-    assert state["_fd"] is None and state["_offsets"] is None and state["rows"].tolist() == [0, 1, 2]
-    spawned = pickle.loads(pickle.dumps(store))
-    assert [spawned[i] for i in range(3)] == [store[i] for i in range(3)] and spawned[0] == first
-    descriptor = store._fd
-    store._pid = -1  # as in a forked worker: a descriptor of its own, not one shared with the parent's offset
-    assert store[1]["id"] == list(COLOURS)[1] and store._fd != descriptor and store._pid == os.getpid()
+    store, images, _, _ = open_data(str(path), image_folder, True, processor=processor)
+    dataset = LLaVADataset(store, images, processor)
+    spawned = pickle.loads(pickle.dumps(dataset))  # what a spawned DataLoader worker receives
+    for i in range(3):
+        assert spawned[i]["input_ids"].tolist() == dataset[i]["input_ids"].tolist()
+        assert torch.equal(spawned[i]["pixels"], dataset[i]["pixels"])
 
 
 # -- the zip index -------------------------------------------------------------------------------------------
@@ -270,11 +266,12 @@ def test_tokenized_samples_are_those_the_chat_template_gives_on_every_schema(tmp
         tokenized = sources.tokenize(store, processor)
         assert not skipped and len(tokenized) == len(store) > 0
         for i in range(len(store)):
-            input_ids, labels, names = tokenized.encoded(i)
+            row = tokenized[i]
             expected = reference_encode(processor, sources.llava_to_messages(store[i]["conversations"],
                                                                     processor.image_placeholder))
-            assert (input_ids.tolist(), labels.tolist()) == expected, (path, i)
-            assert names == sources.image_names(store[i])
+            labels = [t if target else IGNORE_INDEX for t, target in zip(row["input_ids"], row["targets"])]
+            assert (row["input_ids"], labels) == expected and row["length"] == len(labels), (path, i)
+            assert row["image"] == sources.image_names(store[i])
             from_store, from_tokens = LLaVADataset(store, images, processor)[i], LLaVADataset(tokenized, images,
                                                                                               processor)[i]
             assert list(from_store["input_ids"]) == list(from_tokens["input_ids"])
@@ -289,23 +286,18 @@ def test_tokens_are_built_once_in_parallel_and_again_for_another_tokenizer_setti
                for i in range(40)]
     (tmp_path / "chat.json").write_text(json.dumps(entries))
     store = open_data(str(tmp_path / "chat.json"), image_folder, True)[0]
-    serial = [store_tokens(sources.tokenize(store, processor, chunk=1000), i) for i in range(40)]
-    for path in glob.glob(str(tmp_path / ".tinyvlm_cache" / "*tokens*")):
-        os.remove(path)
-    parallel = sources.tokenize(store, processor, chunk=3)  # 14 chunks over as many processes as there are cores
-    assert [store_tokens(parallel, i) for i in range(40)] == serial
-    monkeypatch.setattr(sources, "encode_rows", lambda *args: pytest.fail("tokenized again"))
-    assert [store_tokens(sources.tokenize(store, processor), i) for i in range(40)] == serial  # read back
+    serial = sources.tokenize(store, processor, processes=1)["input_ids"]
+    for path in set(glob.glob(str(tmp_path / ".tinyvlm_cache" / "**" / "*.arrow"), recursive=True)) - {
+            f["filename"] for f in store.cache_files}:
+        os.remove(path)  # the tokens, not the entries
+    assert sources.tokenize(store, processor, processes=2)["input_ids"] == serial  # two processes
+    monkeypatch.setattr(sources, "encode_entries", lambda *args: pytest.fail("tokenized again"))
+    assert sources.tokenize(store, processor)["input_ids"] == serial  # read back
     monkeypatch.undo()
     other = Processor(tokenizer, dict(demo.SIGLIP_PREPROCESSING, size={"height": 16, "width": 16}), "<image>", 4,
                       system_prompt="You describe images.")
-    assert store_tokens(sources.tokenize(store, other), 0) != serial[0]  # another system prompt: other tokens
-    assert store_tokens(sources.tokenize(store, processor), 0) == serial[0]  # each setting keeps its own
-
-
-def store_tokens(store, index: int) -> tuple:
-    input_ids, labels, names = store.encoded(index)
-    return input_ids.tolist(), labels.tolist(), names
+    assert sources.tokenize(store, other)["input_ids"][0] != serial[0]  # another system prompt: other tokens
+    assert sources.tokenize(store, processor)["input_ids"][0] == serial[0]  # each setting keeps its own
 
 
 # -- several images per entry --------------------------------------------------------------------------------

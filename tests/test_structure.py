@@ -58,4 +58,6 @@ def test_no_two_project_files_import_each_other_directly_or_through_others():
     assert import_cycle(graph) is None, " -> ".join(import_cycle(graph))
     assert graph["sources"] == set() and graph["data"] == {"sources"}  # the foundation imports no program
     assert graph["cli"] == set()  # the programs parse their arguments with it before anything heavy loads
-    assert graph["model"] <= {"sources", "data", "cli"}
+    assert graph["attention"] == set()  # transformers' attention functions, knowing nothing of TinyVLM
+    assert graph["model"] <= {"sources", "data", "cli", "attention"}
+    assert graph["memory"] <= {"sources", "data", "model"}

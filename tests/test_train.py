@@ -19,7 +19,7 @@ from helpers import (CPU, ROOT, assert_same_updates, checkpoint_weights, gradien
 
 from data import collate, padded_step
 from main import (VLMConfig, build_model, checkpoint_folder, command_line, data_workers, load_training_state, lr_factor,
-                  main, parse_args, resolve_config, save_atomically, train, with_micro_batches)
+                  main, packs, parse_args, resolve_config, save_atomically, train, with_micro_batches)
 
 
 def test_gradient_accumulation_weighs_every_target_token_the_same(tiny_model):
@@ -209,24 +209,27 @@ def test_command_line_overrides_are_typed():
     cfg = resolve_config(overrides, preset)
     assert cfg.batch_size == 32 and cfg.lr == 3e-4 and cfg.max_steps == 7  # the command line beats the preset
     assert resolve_config(parse_args(["--demo", "false"])) == VLMConfig()
-    stage2 = resolve_config(parse_args(["--stage", "finetune"]))  # stage 2 packs by default, stage 1 does not
-    assert stage2.packing and stage2.pack_length == 512 and stage2.max_length == 2048 and not VLMConfig().packing
-    assert not resolve_config(parse_args(["--stage", "finetune", "--packing", "false"])).packing
+    stage2 = resolve_config(parse_args(["--stage", "finetune"]))  # stage 2 packs by default, stage 1 on GPUs only
+    cuda = torch.device("cuda", 0)
+    assert packs(stage2, CPU) and packs(stage2, cuda) and stage2.pack_length == 512 and stage2.max_length == 2048
+    assert packs(VLMConfig(), cuda) and not packs(VLMConfig(), CPU) and stage2.global_batch == 128
+    assert not packs(resolve_config(parse_args(["--stage", "finetune", "--packing", "false"])), cuda)
     with pytest.raises(SystemExit):
         parse_args(["--batch_size", "many"])
     with pytest.raises(SystemExit):
         parse_args(["--no_such_field", "1"])
 
 
-def test_micro_batches_default_to_one_of_256_on_cuda_and_four_of_64_elsewhere():
-    cuda, cpu = torch.device("cuda", 0), CPU
-    def sizes(cfg):
-        return cfg.batch_size, cfg.grad_accum_steps
-    assert sizes(with_micro_batches(VLMConfig(), cuda)) == (256, 1)
-    assert sizes(with_micro_batches(VLMConfig(), cpu)) == (64, 4)
-    assert sizes(with_micro_batches(VLMConfig(), cuda, world_size=4)) == (64, 1)  # still 256 in all
-    assert sizes(with_micro_batches(VLMConfig(batch_size=32), cuda)) == (32, 8)
-    assert sizes(with_micro_batches(VLMConfig(batch_size=32, grad_accum_steps=2), cuda)) == (32, 2)  # as given
+def test_micro_batches_on_cpus_default_to_four_of_64_and_in_stage_2_to_eight_of_16():
+    def sizes(cfg, world_size=1):
+        cfg = with_micro_batches(cfg, None, CPU, torch.float32, world_size)
+        return cfg.batch_size, cfg.grad_accum_steps, cfg.max_tokens_per_batch
+    assert sizes(VLMConfig()) == (64, 4, 0)
+    assert sizes(VLMConfig(), world_size=4) == (64, 1, 0)  # still 256 in all
+    assert sizes(VLMConfig(stage="finetune", global_batch=128, max_length=2048)) == (16, 8, 16 * 2048)  # packed
+    assert sizes(VLMConfig(batch_size=32)) == (32, 8, 0)
+    assert sizes(VLMConfig(batch_size=32, grad_accum_steps=2)) == (32, 2, 0)  # as given
+    assert sizes(VLMConfig(grad_accum_steps=2)) == (128, 2, 0)
 
 
 def test_data_workers_default_to_the_cores_left_after_the_main_process_shared_by_local_processes(monkeypatch):
@@ -282,6 +285,35 @@ def test_bad_data_is_skipped_counted_and_logged(tiny_config, shapes_data, tmp_pa
                                       resume=run_dir))
     last = [m for m in metrics(resumed) if "train/loss" in m][-1]
     assert last["data/skipped no <image> marker"] == 1  # counted once, not again on resume
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("images", ["folder", "zip"])
+def test_a_set_full_of_broken_entries_trains_to_the_end_and_counts_each(tiny_config, shapes_data, tmp_path, images):
+    """Wrong types, missing fields, unknown roles, paths leaving image_root, an image missing and one broken:
+    every entry counted by reason, the rest trained on to the last step, from an image folder and a zip."""
+    entries = json.load(open(f"{shapes_data}/chat.json"))
+    with zipfile.ZipFile(f"{shapes_data}/images.zip") as archive:
+        archive.extractall(tmp_path / "images")
+        names = archive.namelist()
+    (tmp_path / "images" / "broken.jpg").write_bytes(b"\xff\xd8 not a JPEG at all")
+    with zipfile.ZipFile(tmp_path / "images.zip", "w") as archive:
+        for name in names + ["broken.jpg"]:
+            archive.write(tmp_path / "images" / name, name)
+    broken = [dict(entries[0], image=5), {"id": "no conversations", "image": names[0]},
+              dict(entries[1], conversations=[{"from": "robot", "value": "<image>"}, {"from": "gpt", "value": "x"}]),
+              dict(entries[2], image="../images/" + names[2]), dict(entries[3], conversations="hello"),
+              dict(entries[4], image="missing.jpg"), dict(entries[5], image="broken.jpg"), "not even a dict"]
+    (tmp_path / "chat.json").write_text(json.dumps(broken + entries[6:]))
+    cfg = dataclasses.replace(tiny_config, data_path=str(tmp_path / "chat.json"), max_steps=5,  # one epoch of 20
+                              image_root=str(tmp_path / ("images.zip" if images == "zip" else "images")))
+    run_dir = run(cfg)
+    logged = [m for m in metrics(run_dir) if "train/loss" in m]
+    assert len(logged) == 5 and all(math.isfinite(m["train/loss"]) for m in logged)
+    last = logged[-1]
+    assert last["data/skipped image is not a path"] == 1 and last["data/skipped malformed entry"] == 3
+    assert last["data/skipped unknown role"] == 1 and last["data/skipped image path outside image_root"] == 1
+    assert last["data/skipped image missing"] == 1 and last["data/skipped image unreadable"] == 1  # while loading
 
 
 @pytest.mark.gpu
