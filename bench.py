@@ -541,8 +541,7 @@ def bench_data(args, tokenizer, worker_counts=None, repeats: int = 1, images_per
                    for i, entry in enumerate(cc3m_like_entries(args.data_images * repeats))]
         with open(f"{folder}/chat.json", "w") as f:
             json.dump(entries, f)
-        store, images, _, _ = open_data(f"{folder}/chat.json", zip_path, True, processor=processor)
-        dataset = LLaVADataset(store, images, processor)  # as main.py reads it
+        dataset = caption_set(f"{folder}/chat.json", zip_path, processor)  # as main.py reads it
         for workers in worker_counts:
             if workers > cpus:
                 continue
@@ -609,7 +608,7 @@ class BeforeDataset(torch.utils.data.Dataset):
 def now_stages(dataset: LLaVADataset, index: int, clock) -> dict:
     """LLaVADataset's sample of tokenized entries (sources.open_data), its stages timed one by one; "tokenize"
     is reading the stored token ids."""
-    row = dataset.entries.select_columns(["input_ids", "targets", "image"])[index]
+    row = dataset.tokens[index]
     input_ids = np.asarray(row["input_ids"], dtype=np.int64)
     labels, names = np.where(row["targets"], input_ids, IGNORE_INDEX), row["image"]
     clock("tokenize")
@@ -873,17 +872,24 @@ def run_quietly(function, *args):
         return function(*args)
 
 
+def caption_set(data_path: str, image_root: str, processor, max_length: int = 2048) -> LLaVADataset:
+    """A JSON caption set as main.py reads it (sources.open_data: checked, tokenized once), or where datasets
+    is not installed (a bare GPU machine) as a list of its usable entries, whose samples LLaVADataset
+    tokenizes as they load, a little more work per sample (tests/test_bench.py runs the suite without it)."""
+    if importlib.util.find_spec("datasets") is not None:
+        entries, images, _, _ = open_data(data_path, image_root, True, processor=processor)
+        return LLaVADataset(entries, images, processor, max_length)
+    entries = [entry for entry in load_llava_json(data_path) if check_entry(entry, require_image=True) is None]
+    return LLaVADataset(entries, open_image_source(image_root), processor, max_length)
+
+
 def train_run(cfg: VLMConfig) -> str:
-    """main.py's training of cfg. Where datasets is not installed (a bare GPU machine), its JSON entries are
-    read as a list, whose samples LLaVADataset tokenizes as they are loaded (tests/test_bench.py runs this)."""
+    """main.py's training of cfg, its data read by caption_set."""
     device = torch.device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     model = build_model(cfg, device, dtype)
-    data = None
-    if importlib.util.find_spec("datasets") is None:
-        images = open_image_source(cfg.image_root)
-        data = tuple(LLaVADataset([e for e in load_llava_json(path) if check_entry(e, True) is None], images,
-                                  model.processor, cfg.max_length) for path in (cfg.data_path, cfg.val_data_path)) + ({},)
+    data = tuple(caption_set(path, cfg.image_root, model.processor, cfg.max_length)
+                 for path in (cfg.data_path, cfg.val_data_path)) + ({},)
     return run_quietly(lambda: train(cfg, model, device, dtype, data=data))
 
 

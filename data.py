@@ -213,7 +213,9 @@ class LLaVADataset(Dataset):
 
     def __init__(self, entries, image_source, processor: Processor, max_length: int = 2048):
         self.entries, self.images, self.processor, self.max_length = entries, image_source, processor, max_length
-        self.tokenized = "input_ids" in getattr(entries, "column_names", ())
+        self.tokens = None  # the token ids, targets and images of tokenized entries (a Dataset's columns)
+        if "input_ids" in getattr(entries, "column_names", ()):
+            self.tokens = entries.select_columns(["input_ids", "targets", "image"])
 
     def __len__(self):
         return len(self.entries)
@@ -223,8 +225,8 @@ class LLaVADataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
         """The samples at indices: a DataLoader worker fetches a whole step's with one read of the table."""
-        if self.tokenized:
-            rows = self.entries.select_columns(["input_ids", "targets", "image"])[indices]  # columns of the rows
+        if self.tokens is not None:
+            rows = self.tokens[indices]  # the rows' columns
             return [self.sample(np.asarray(ids, dtype=np.int64), np.where(targets, ids, IGNORE_INDEX), names)
                     for ids, targets, names in zip(rows["input_ids"], rows["targets"], rows["image"])]
         entries = self.entries[indices] if hasattr(self.entries, "column_names") else [self.entries[i] for i in indices]

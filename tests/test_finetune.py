@@ -107,7 +107,7 @@ def test_stage2_under_torchrun_with_a_text_only_micro_batch(finetune_config, tmp
     texts = [e for e in entries if "image" not in e][:2]
     (tmp_path / "mixed.json").write_text(json.dumps(images + texts))
     cfg = dataclasses.replace(finetune_config, data_path=str(tmp_path / "mixed.json"), max_steps=3, eval_every=3,
-                              save_every=3, log_every=3, sample_every=0, check_syncs=True,
+                              save_every=3, log_every=3, sample_every=0, check_syncs=True, packing="false",
                               grad_accum_steps=2)  # no_sync, then the all-reduce
     one = run(dataclasses.replace(cfg, run_name="one", batch_size=2))[1]
     two = torchrun(dataclasses.replace(cfg, run_name="two", batch_size=1), processes=2)

@@ -32,8 +32,7 @@ def six_layer_model(tiny_models):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout, size", [(Layout(False, False, 64, 8), 8), (Layout(True, True, 64, 16), 512),
-                                          (Layout(True, False, 64, 16), 256)])
+@pytest.mark.parametrize("layout, size", [(Layout(False, False, 64, 8), 8), (Layout(True, True, 64, 16), 512)])
 def test_the_estimate_from_two_and_four_layers_is_the_whole_models_peak(six_layer_model, layout, size):
     for batch in worst_case_batches(six_layer_model, layout, size):
         whole = peak_bytes(six_layer_model, batch, CPU, torch.bfloat16)
@@ -77,17 +76,15 @@ def test_the_largest_fitting_size_is_found_with_few_estimates():
 
 @pytest.mark.slow
 def test_the_micro_batch_chosen_is_the_largest_whose_worst_case_fits_the_card(six_layer_model):
-    layout = Layout(True, True, 64, 64)
+    layout = Layout(False, False, 64, 16)  # padded: 1, 2, 4, 8 or 16 samples of 64 tokens
     estimate = estimator(six_layer_model, layout, CPU, torch.bfloat16)
-    sizes = layout.sizes()
-    middle = sizes[len(sizes) // 2]
-    card = MARGIN * estimate(middle) * 1.001  # holds `middle` but not the next size
+    card = MARGIN * estimate(4) * 1.001  # holds 4 samples but not 8
     size, line = fit_micro_batch(six_layer_model, layout, CPU, torch.bfloat16, card, "a fake card")
-    assert size == middle and MARGIN * estimate(sizes[sizes.index(middle) + 1]) > card
-    assert f"{middle:,} token slots (packed, one row)" in line and "a fake card" in line
-    assert fit_micro_batch(six_layer_model, layout, CPU, torch.bfloat16, 1e15, "a big card")[0] == 64 * 64
+    assert size == 4 and MARGIN * estimate(8) > card
+    assert "micro-batches of 4 samples of up to 64 tokens" in line and "a fake card" in line
+    assert fit_micro_batch(six_layer_model, layout, CPU, torch.bfloat16, 1e15, "a big card")[0] == 16
     with pytest.raises(memory.DoesNotFit, match="--max_length"):
-        fit_micro_batch(six_layer_model, layout, CPU, torch.bfloat16, estimate(sizes[0]), "a small card")
+        fit_micro_batch(six_layer_model, layout, CPU, torch.bfloat16, estimate(1), "a small card")
 
 
 def as_if_on_a_gpu(monkeypatch, card_bytes: float) -> list[str]:
