@@ -29,6 +29,69 @@ import zipfile
 from dataclasses import replace
 from functools import partial
 
+from cli import exit_if_problems
+
+PARTS = ("train", "step", "memory", "finetune", "finetune_lora", "data", "data_scale", "packing", "generate")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--suite", choices=["gpu"], default=None,
+                        help="gpu: correctness checks of main.py's loop, training speed eager and compiled by "
+                             "micro-batch, data by workers, generation, one CC3M epoch (replaces --parts)")
+    parser.add_argument("--tiny", action="store_true", help="tiny models instead of the real sizes")
+    parser.add_argument("--tests", default="", help="the suite's pytest arguments (default: the tests marked gpu)")
+    parser.add_argument("--suite_minutes", type=float, default=7.0, help="the suite skips the parts left after this")
+    parser.add_argument("--compile_backend", default="inductor", help="torch.compile's, for the suite's compiled "
+                        "runs (the tests use aot_eager: inductor takes minutes to compile on 2 CPU cores)")
+    parser.add_argument("--parts", default="train,finetune,data,generate",
+                        help="comma-separated, of: train, step, memory, finetune, finetune_lora, "
+                             "data, data_scale, packing, generate")
+    parser.add_argument("--batch_size", type=int, default=None, help="training batch (default: 8 on CPU, 64 on GPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 5; the suite 10, tiny 2)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2, the suite 3)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", help="the run dtype (autocast and frozen weights); auto: bf16 "
+                        "on GPUs and on CPUs with bf16 matrix instructions, else fp32 (main.py's auto)")
+    parser.add_argument("--attention", default=None, help="default: sdpa on GPUs, eager on CPUs")
+    parser.add_argument("--step_shares", default="8,64", help="samples per timed step (step; comma-separated)")
+    parser.add_argument("--finetune_batch_size", type=int, default=16, help="stage 2's default per-device batch")
+    parser.add_argument("--finetune_steps", type=int, default=2)
+    parser.add_argument("--data_images", type=int, default=None, help="JPEGs in the data part's zip")
+    parser.add_argument("--profile_samples", type=int, default=400, help="samples per image size (data)")
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--packing_samples", type=int, default=4096, help="conversations per stage (packing)")
+    parser.add_argument("--packing_batch_size", type=int, default=4, help="stage 2's timed micro-batch (packing)")
+    parser.add_argument("--packing_grad_accum", type=int, default=2,
+                        help="stage 2's timed micro-batches per step (packing; the config's is 8)")
+    parser.add_argument("--pack_lengths", default="512",
+                        help="also time packing with rows filled up to these lengths (packing; comma-separated)")
+    parser.add_argument("--packing_steps", type=int, default=2, help="timed steps per layout (packing)")
+    parser.add_argument("--packing_rounds", type=int, default=1,
+                        help="times each layout's steps are timed, in alternating order (packing)")
+    parser.add_argument("--packing_lm_layers", type=int, default=30, help="LM layers kept (packing; 30: all)")
+    parser.add_argument("--tokenizer", help="SmolLM2-135M-Instruct's, shipped in assets/",
+                        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "smollm2-tokenizer"))
+    parser.add_argument("--a40_mfu", type=float, default=0.4, help="MFU assumed for the A40 projection")
+    parser.add_argument("--a40_dollars_per_hour", type=float, default=0.44)
+    parser.add_argument("--scale_dir", default="data/scale", help="where data_scale makes its synthetic sets")
+    parser.add_argument("--scale_entries", default="595375,5000000", help="CC3M-595K's size, and more")
+    parser.add_argument("--scale_batches", type=int, default=5, help="steps (of 256) before memory is measured")
+    parser.add_argument("--scale_runs", default="cold:8,warm:1,warm:8",
+                        help="cache:workers per start-up; cold deletes the caches first")
+    parser.add_argument("--scale_child", help=argparse.SUPPRESS)  # one data_scale start-up, in its own process
+    parser.add_argument("--json", default="bench.json")
+    args = parser.parse_args(argv)
+    unknown = set(args.parts.split(",")) - set(PARTS)
+    exit_if_problems("bench.py", [f"--parts {args.parts!r}: unknown {', '.join(sorted(unknown))}; known: "
+                                  f"{', '.join(PARTS)}"] if unknown else [])
+    return args
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer here, before torch loads below
+    parse_args(sys.argv[1:])
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -44,7 +107,7 @@ from model import SIGLIP_PREPROCESSING, TinyVLM, autocast, pick_compile, pick_de
 from sources import (IGNORE_INDEX, check_entry, decode_image, llava_to_messages, load_llava_json, open_data,
                      open_image_source)
 from syncs import SyncRecorder
-from synthetic import (CC3M_ENTRIES, TOKENIZER_DIR, cc3m_like_entries, cc3m_like_jpeg, cc3m_like_samples, cc3m_like_zip,
+from synthetic import (TOKENIZER_DIR, cc3m_like_entries, cc3m_like_jpeg, cc3m_like_samples, cc3m_like_zip,
                        encoded_samples, instruct_like_samples, llava_caption_set, make_scale_set, mix665k_like_entries,
                        model_folders, random_model)
 
@@ -1182,52 +1245,7 @@ def cc3m_projection(train_rows: list[dict], mfu: float, dollars_per_hour: float)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["gpu"], default=None,
-                        help="gpu: correctness checks of main.py's loop, training speed eager and compiled by "
-                             "micro-batch, data by workers, generation, one CC3M epoch (replaces --parts)")
-    parser.add_argument("--tiny", action="store_true", help="tiny models instead of the real sizes")
-    parser.add_argument("--tests", default="", help="the suite's pytest arguments (default: the tests marked gpu)")
-    parser.add_argument("--suite_minutes", type=float, default=7.0, help="the suite skips the parts left after this")
-    parser.add_argument("--compile_backend", default="inductor", help="torch.compile's, for the suite's compiled "
-                        "runs (the tests use aot_eager: inductor takes minutes to compile on 2 CPU cores)")
-    parser.add_argument("--parts", default="train,finetune,data,generate",
-                        help="comma-separated, of: train, step, memory, finetune, finetune_lora, "
-                             "data, data_scale, packing, generate")
-    parser.add_argument("--batch_size", type=int, default=None, help="training batch (default: 8 on CPU, 64 on GPU)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 5; the suite 10, tiny 2)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2, the suite 3)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", help="the run dtype (autocast and frozen weights); auto: bf16 "
-                        "on GPUs and on CPUs with bf16 matrix instructions, else fp32 (main.py's auto)")
-    parser.add_argument("--attention", default=None, help="default: sdpa on GPUs, eager on CPUs")
-    parser.add_argument("--step_shares", default="8,64", help="samples per timed step (step; comma-separated)")
-    parser.add_argument("--finetune_batch_size", type=int, default=16, help="stage 2's default per-device batch")
-    parser.add_argument("--finetune_steps", type=int, default=2)
-    parser.add_argument("--data_images", type=int, default=None, help="JPEGs in the data part's zip")
-    parser.add_argument("--profile_samples", type=int, default=400, help="samples per image size (data)")
-    parser.add_argument("--new_tokens", type=int, default=32)
-    parser.add_argument("--packing_samples", type=int, default=4096, help="conversations per stage (packing)")
-    parser.add_argument("--packing_batch_size", type=int, default=4, help="stage 2's timed micro-batch (packing)")
-    parser.add_argument("--packing_grad_accum", type=int, default=2,
-                        help="stage 2's timed micro-batches per step (packing; the config's is 8)")
-    parser.add_argument("--pack_lengths", default="512",
-                        help="also time packing with rows filled up to these lengths (packing; comma-separated)")
-    parser.add_argument("--packing_steps", type=int, default=2, help="timed steps per layout (packing)")
-    parser.add_argument("--packing_rounds", type=int, default=1,
-                        help="times each layout's steps are timed, in alternating order (packing)")
-    parser.add_argument("--packing_lm_layers", type=int, default=30, help="LM layers kept (packing; 30: all)")
-    parser.add_argument("--tokenizer", default=TOKENIZER_DIR, help="SmolLM2-135M-Instruct's, shipped in assets/")
-    parser.add_argument("--a40_mfu", type=float, default=0.4, help="MFU assumed for the A40 projection")
-    parser.add_argument("--a40_dollars_per_hour", type=float, default=0.44)
-    parser.add_argument("--scale_dir", default="data/scale", help="where data_scale makes its synthetic sets")
-    parser.add_argument("--scale_entries", default=f"{CC3M_ENTRIES},5000000")
-    parser.add_argument("--scale_batches", type=int, default=5, help="steps (of 256) before memory is measured")
-    parser.add_argument("--scale_runs", default="cold:8,warm:1,warm:8",
-                        help="cache:workers per start-up; cold deletes the caches first")
-    parser.add_argument("--scale_child", help=argparse.SUPPRESS)  # one data_scale start-up, in its own process
-    parser.add_argument("--json", default="bench.json")
-    args = parser.parse_args()
+    args = parse_args(sys.argv[1:])
     if args.scale_child:
         print(json.dumps(scale_child(*json.loads(args.scale_child))))
         return

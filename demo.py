@@ -17,13 +17,19 @@ import random
 import sys
 import time
 import zipfile
+from dataclasses import replace
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # main.py's flags, answered before torch loads
+    os.execv(sys.executable, [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "main.py"),
+                              "--demo", *sys.argv[1:]])
 
 import torch
 import transformers
 from PIL import Image, ImageDraw
 
 from eval import SHAPE_COLOURS, SHAPE_NAMES, SHAPES_PROMPT, run_task
-from main import build_model, config_problems, parse_args, resolve_config, train
+from main import build_model, checkpoint_folder, config_problems, parse_args, resolve_config, train
+from model import find_model_folder
 from cli import exit_if_problems
 from model import SIGLIP_PREPROCESSING, pick_device, pick_dtype
 from synthetic import GEMMA_TEMPLATE
@@ -138,6 +144,18 @@ def make_dataset(folder: str, num_train: int = 2400, val_per_kind: int = 4, seed
         with open(os.path.join(folder, name), "w") as f:
             json.dump(part, f, indent=1)
     os.replace(tmp, os.path.join(folder, "images.zip"))  # written last: its presence means the set is whole
+
+
+def make_examples(folder: str, count: int = 6) -> None:
+    """Loose JPEGs of held-out images to try generate.py on (data/demo/examples/red-circle.jpg, ...)."""
+    with open(os.path.join(folder, "val.json")) as f:
+        entries = json.load(f)[::7][:count]
+    os.makedirs(os.path.join(folder, "examples.tmp"), exist_ok=True)
+    with zipfile.ZipFile(os.path.join(folder, "images.zip")) as archive:
+        for entry in entries:
+            with open(os.path.join(folder, "examples.tmp", f"{entry['colour']}-{entry['shape']}.jpg"), "wb") as f:
+                f.write(archive.read(entry["image"]))
+    os.replace(os.path.join(folder, "examples.tmp"), os.path.join(folder, "examples"))
 
 
 def question(task: str, colour: str, shape: str, rng: random.Random) -> tuple[str, str]:
@@ -284,6 +302,8 @@ def prepare(cfg) -> None:
     if not os.path.isfile(cfg.image_root):
         print(f"generating the synthetic shapes dataset in {folder}")
         make_dataset(folder)
+    if not os.path.isdir(os.path.join(folder, "examples")):
+        make_examples(folder)
     if cfg.stage == "finetune" and not os.path.isfile(cfg.data_path):
         print(f"generating the synthetic instruction dataset in {folder}")
         make_instruct_dataset(folder)
@@ -296,11 +316,15 @@ def prepare(cfg) -> None:
 
 
 def evaluate(model, cfg, device, dtype) -> tuple[dict, list[dict]]:
-    """eval.py's "shapes" task on the run's held-out set: greedy answers, 24 at a time."""
+    """eval.py's "shapes" task on the run's held-out set as `eval.py --tasks shapes` runs it: greedy answers,
+    in eval.py's batches (with left padding, a batch's size can change a near tie)."""
     import argparse
 
+    from eval import parse_args as eval_arguments
+
+    defaults = eval_arguments(["--checkpoint", "-"])
     args = argparse.Namespace(shapes=cfg.val_data_path, shapes_images=cfg.image_root, limit=None, seed=0,
-                              batch_size=24, max_new_tokens=24)
+                              batch_size=defaults.batch_size, max_new_tokens=defaults.max_new_tokens)
     return run_task("shapes", model, args, device, dtype)
 
 
@@ -347,6 +371,7 @@ def run(cfg, device, dtype, started: float) -> None:
     model = build_model(cfg, device, dtype)
     before_metrics, before = evaluate(model, cfg, device, dtype)
     run_dir = train(cfg, model, device, dtype)
+    model.load_weights(find_model_folder(run_dir))  # the model eval.py and generate.py take from the run: best/
     after_metrics, after = evaluate(model, cfg, device, dtype)
     shown = sorted(random.Random(0).sample(range(len(after)), min(9, len(after))))  # the set is ordered by kind
     print(f"\nheld-out answers ({len(after)}; 9 drawn at random shown):")
@@ -372,14 +397,25 @@ def run(cfg, device, dtype, started: float) -> None:
 
 
 def config(argv: list[str]):
-    """The demo's VLMConfig: DEMO_CONFIG (or DEMO_FINETUNE_CONFIG with --stage finetune), then the command line."""
+    """The demo's VLMConfig: DEMO_CONFIG (or DEMO_FINETUNE_CONFIG with --stage finetune), then the command line.
+    Without --run_name, a demo run goes to the preset's folder (stage 2 with LoRA: its own), or where an
+    earlier demo holds that one, to the first free one after it (runs/demo-2, ...)."""
     overrides = parse_args(argv)
     preset = DEMO_FINETUNE_CONFIG if overrides.get("stage") == "finetune" else DEMO_CONFIG
     init_from = overrides.get("init_from", preset.get("init_from"))
     if init_from and not os.path.isdir(init_from):
         raise FileNotFoundError(f"the stage-2 demo starts from the stage-1 demo's run, {init_from}: "
                                 "run `uv run main.py --demo` first")
-    return resolve_config(overrides, preset)
+    cfg = resolve_config(overrides, preset)
+    if "run_name" not in overrides and not cfg.resume:
+        name = cfg.run_name + ("-lora" if cfg.lora_rank else "")
+        names = [name] + [f"{name}-{n}" for n in range(2, 1000)]
+        free = next(n for n in names if not checkpoint_folder(os.path.join(cfg.out_dir, n)))
+        if free != names[0]:
+            print(f"{cfg.out_dir}/{names[0]} holds an earlier demo: this one goes to {cfg.out_dir}/{free} "
+                  f"(--run_name chooses, --resume {cfg.out_dir}/{names[0]} continues that one)")
+        cfg = replace(cfg, run_name=free)
+    return cfg
 
 
 def main(argv: list[str]) -> None:

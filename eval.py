@@ -21,7 +21,7 @@ TASK_NAMES = ("shapes", "coco", "mmstar", "pope", "vqav2")  # TASKS below, by na
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     parser.add_argument("--checkpoint", required=True, help="a model folder, or a run folder (its best/)")
     parser.add_argument("--tasks", default="shapes", help=f"comma-separated, of: {', '.join(TASK_NAMES)}")
     parser.add_argument("--limit", type=int, default=None, help="at most this many items per task: a fixed subset "

@@ -1,23 +1,41 @@
 """Export a trained TinyVLM as one self-contained folder that plain transformers loads, with no TinyVLM code and
 no network: transformers' own AyaVisionForConditionalGeneration (a SigLIP-style encoder, pixel shuffle, a
-LayerNorm and a SwiGLU projector, then any causal LM) computes exactly what TinyVLM computes.
+LayerNorm and a SwiGLU projector, then any causal LM) computes what TinyVLM computes.
   python export.py runs/stage1-20261127-1200 exported/            # a run (its best/ or checkpoint/) or a model folder
   python export.py runs/stage2-.../best exported/ --push_to_hub you/tinyvlm-stage2   # and upload it with a model card
-
-Then, anywhere:
-  processor = AutoProcessor.from_pretrained("exported"); model = AutoModelForImageTextToText.from_pretrained("exported")
+Then, anywhere: AutoProcessor.from_pretrained("exported"), AutoModelForImageTextToText.from_pretrained("exported")
+(the README shows a whole question and answer). In float32 (the default) its greedy answers are TinyVLM's in
+float32: generate.py --dtype float32.
 """
 
 import argparse
 import glob
 import json
 import os
+import sys
+
+from cli import HelpFormatter, exit_if_problems
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+    parser.add_argument("checkpoint", help="a TinyVLM model folder, or a run folder (its best/, else checkpoint/)")
+    parser.add_argument("folder", help="where to write the exported model")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="of the exported weights")
+    parser.add_argument("--push_to_hub", default="", metavar="REPO", help="upload the folder, with a model card")
+    parser.add_argument("--private", action="store_true", help="make the hub repository private")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer here, before torch loads below
+    parse_args(sys.argv[1:])
 
 import torch
 from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration, AyaVisionProcessor
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-from model import TinyVLM, find_model_folder
+from model import TinyVLM, find_model_folder, readable_by_all
 
 # What TinyVLM puts in a user turn: each image's placeholder run, then the text, joined by newlines
 # (sources.llava_to_messages). This prefix turns the processor's messages, whose content is a list of
@@ -158,6 +176,7 @@ def export(model: TinyVLM, folder: str, dtype: torch.dtype = torch.float32) -> d
     aya.generation_config.pad_token_id = model.processor.tokenizer.pad_token_id
     aya.save_pretrained(folder)
     aya_processor(model).save_pretrained(folder)
+    readable_by_all(folder)
     return {os.path.relpath(path, folder): os.path.getsize(path) for path in sorted(glob.glob(f"{folder}/*"))}
 
 
@@ -281,14 +300,11 @@ def push_to_hub(folder: str, repo: str, private: bool = False) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", help="a TinyVLM model folder, or a run folder (its best/, else checkpoint/)")
-    parser.add_argument("folder", help="where to write the exported model")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--push_to_hub", default="", metavar="REPO", help="upload the folder, with a model card")
-    parser.add_argument("--private", action="store_true", help="make the hub repository private")
-    args = parser.parse_args(argv)
-    source = find_model_folder(args.checkpoint)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        source = find_model_folder(args.checkpoint)
+    except FileNotFoundError as error:
+        exit_if_problems("export.py", [f"checkpoint {args.checkpoint!r}: {error}"])
     model = TinyVLM.from_pretrained(source)
     sizes = export(model, args.folder, getattr(torch, args.dtype))
     for name, size in sizes.items():

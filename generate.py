@@ -18,7 +18,7 @@ DEFAULT_PROMPT = "Describe the image concisely."
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     parser.add_argument("--checkpoint", required=True, help="a model folder, or a run folder (its best/)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", nargs="+", help="image files or folders of images")
@@ -100,9 +100,8 @@ def answer(model, jobs: list[dict], load_image, device, dtype, batch_size: int =
             try:
                 images.append(load_image(job))
                 batch.append(job)
-            except IMAGE_ERRORS as error:
+            except IMAGE_ERRORS as error:  # the caller reports it: generate.py once, eval.py in its counts
                 job["error"] = f"cannot read image: {error}"
-                print(f"error: {job['image']}: {job['error']}", file=sys.stderr)
         if batch:
             with autocast(device, dtype):
                 answers = model.generate(images, [job["prompt"] for job in batch], **generation)
@@ -123,7 +122,10 @@ def write_predictions(jobs: list[dict], path: str) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    exit_if_problems("generate.py", runtime_problems(args.device, args.dtype, args.attn_implementation, args.checkpoint))
+    missing = [f"--image {path!r}: not found" for path in args.image or [] for path in (
+        path.split(",") if "," in path and not os.path.exists(path) else [path]) if not os.path.exists(path)]
+    exit_if_problems("generate.py", runtime_problems(args.device, args.dtype, args.attn_implementation, args.checkpoint)
+                     + missing)
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(args.seed)
     model, _, device, dtype = load_for_inference(args.checkpoint, args.device, args.dtype, args.attn_implementation)
@@ -137,12 +139,14 @@ def main(argv: list[str]) -> int:
     if args.output:
         write_predictions(jobs, args.output)
         print(f"wrote {len(jobs)} predictions to {args.output}", file=sys.stderr)
-    else:
-        for job in jobs:
-            print(f"{job['image']}: {job.get('answer', 'ERROR ' + job.get('error', ''))}")
-    failed = sum("error" in job for job in jobs)
-    if failed:
-        print(f"{failed} of {len(jobs)} images could not be read", file=sys.stderr)
+    failed = [job for job in jobs if "error" in job]
+    for job in jobs:
+        if "error" in job:
+            print(f"generate.py: error: {job['image']}: {job['error']}", file=sys.stderr)
+        elif not args.output:
+            print(f"{job['image']}: {job['answer']}")
+    if failed and len(jobs) > 1:
+        print(f"generate.py: {len(failed)} of {len(jobs)} images could not be read", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -107,7 +107,9 @@ def field_help() -> dict[str, str]:
 
 def parse_args(argv: list[str]) -> dict:
     """The VLMConfig fields given on the command line, typed: `--lr 1e-3`, `--lr=1e-3`, `--demo`."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # allow_abbrev=False: --max_step would otherwise pass for --max_steps, a typo that half-matches two flags
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     helps = field_help()
     for option in fields(VLMConfig):
         text = f"{helps.get(option.name, '')} (default: {option.default!r})".replace("%", "%%").lstrip()
@@ -244,6 +246,9 @@ def config_problems(cfg: VLMConfig, check_paths: bool = True) -> list[str]:
         problems.append(f"{error} (--data_path, --image_root, --val_data_path)")
     if os.path.isfile(cfg.image_root) and not cfg.image_root.endswith(".zip"):
         need(False, "image_root", "a file that is not a .zip: give the images' folder or their .zip")
+    if not cfg.resume and cfg.run_name and checkpoint_folder(os.path.join(cfg.out_dir, cfg.run_name)):
+        need(False, "run_name", f"{os.path.join(cfg.out_dir, cfg.run_name)} already holds a checkpoint: pass --resume "
+             f"{os.path.join(cfg.out_dir, cfg.run_name)} to continue it, or another --run_name")
     return problems
 
 

@@ -371,6 +371,7 @@ class TinyVLM(nn.Module):
         elif save_language_model:
             self.lm.save_pretrained(os.path.join(path, "language_model"))
             self.processor.tokenizer.save_pretrained(os.path.join(path, "language_model"))
+        readable_by_all(path)
 
     def load_weights(self, path: str) -> None:
         """Load into this model the trained weights of a folder that save_pretrained wrote: the projector, and
@@ -563,6 +564,16 @@ class StopWhenSet(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def readable_by_all(folder: str) -> None:
+    """The files under folder readable as the process's umask allows (safetensors writes them for their owner
+    alone, 0600): a run shared with others, or served as another user, can be read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, _, names in os.walk(folder):
+        for name in names:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def find_model_folder(path: str) -> str:

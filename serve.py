@@ -17,7 +17,7 @@ MAX_IMAGE_PIXELS = 50_000_000  # a 50-megapixel photo decodes to 150 MB; larger 
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     parser.add_argument("--checkpoint", required=True, help="a model folder, or a run folder (its best/)")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
     parser.add_argument("--port", type=int, default=7860, help="the page's port")

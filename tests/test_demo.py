@@ -29,7 +29,7 @@ def test_demo_reports_the_captions_generate_py_gives_for_its_checkpoint(tmp_path
     output = tmp_path / "predictions.json"
     status = generate.main(["--checkpoint", str(run_dir), "--data", DEMO_CONFIG["val_data_path"],
                             "--image_root", DEMO_CONFIG["image_root"], "--prompt", PROMPT, "--output", str(output),
-                            "--batch_size", "24", "--max_new_tokens", "24", "--dtype", "auto"])
+                            "--dtype", "auto"])  # eval.py's batches and answer lengths, as the demo's
     predictions = json.loads(output.read_text())
     assert status == 0
     assert [p["answer"] for p in predictions] == [r["answer"] for r in reported]
