@@ -671,7 +671,7 @@ class BeforeDataset(torch.utils.data.Dataset):
 def now_stages(dataset: LLaVADataset, index: int, clock) -> dict:
     """LLaVADataset's sample of tokenized entries (sources.open_data), its stages timed one by one; "tokenize"
     is reading the stored token ids."""
-    row = dataset.tokens[index]
+    row = dataset.tokens[index].to_pylist()[0]
     input_ids = np.asarray(row["input_ids"], dtype=np.int64)
     labels, names = np.where(row["targets"], input_ids, IGNORE_INDEX), row["image"]
     clock("tokenize")

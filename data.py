@@ -213,9 +213,9 @@ class LLaVADataset(Dataset):
 
     def __init__(self, entries, image_source, processor: Processor, max_length: int = 2048):
         self.entries, self.images, self.processor, self.max_length = entries, image_source, processor, max_length
-        self.tokens = None  # the token ids, targets and images of tokenized entries (a Dataset's columns)
+        self.tokens = None  # the token ids, targets and images of tokenized entries, read as Arrow columns
         if "input_ids" in getattr(entries, "column_names", ()):
-            self.tokens = entries.select_columns(["input_ids", "targets", "image"])
+            self.tokens = entries.select_columns(["input_ids", "targets", "image"]).with_format("arrow")
 
     def __len__(self):
         return len(self.entries)
@@ -226,9 +226,12 @@ class LLaVADataset(Dataset):
     def __getitems__(self, indices: list[int]) -> list[dict]:
         """The samples at indices: a DataLoader worker fetches a whole step's with one read of the table."""
         if self.tokens is not None:
-            rows = self.tokens[indices]  # the rows' columns
-            return [self.sample(np.asarray(ids, dtype=np.int64), np.where(targets, ids, IGNORE_INDEX), names)
-                    for ids, targets, names in zip(rows["input_ids"], rows["targets"], rows["image"])]
+            rows = self.tokens[indices]  # an Arrow table: each row's token ids sliced out of one flat array
+            ids, targets = (rows.column(name).combine_chunks() for name in ("input_ids", "targets"))
+            bounds = ids.offsets.to_numpy() - ids.offsets[0].as_py()  # a slice's offsets start where it does
+            ids, targets = ids.flatten().to_numpy().astype(np.int64), targets.flatten().to_numpy(zero_copy_only=False)
+            return [self.sample(ids[a:z], np.where(targets[a:z], ids[a:z], IGNORE_INDEX), names)
+                    for a, z, names in zip(bounds[:-1], bounds[1:], rows.column("image").to_pylist())]
         entries = self.entries[indices] if hasattr(self.entries, "column_names") else [self.entries[i] for i in indices]
         if isinstance(entries, dict):  # a Dataset's rows come as columns
             entries = [dict(zip(entries, values)) for values in zip(*entries.values())]

@@ -359,7 +359,7 @@ def after_the_worst_case(cfg: VLMConfig, model: TinyVLM, device: torch.device, d
     time, DoesNotFit names the setting to lower. Every process runs it, on its own (no gradient is synced), and
     they agree on the outcome."""
     layout = micro_batch_layout(cfg, model, device, world_size)
-    size = cfg.max_tokens_per_batch if layout.packed else cfg.batch_size
+    size = original = cfg.max_tokens_per_batch if layout.packed else cfg.batch_size
     setting = "--max_tokens_per_batch" if layout.packed else "--batch_size"
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     for attempt in (1, 2):
@@ -372,7 +372,7 @@ def after_the_worst_case(cfg: VLMConfig, model: TinyVLM, device: torch.device, d
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         if all_reduce_sum(torch.tensor([float(out_of_memory)], device=device)).item() == 0:
-            return with_micro_batch_size(cfg, layout, size)
+            return cfg if size == original else with_micro_batch_size(cfg, layout, size)
         smaller = max(cfg.max_length, size // 2) if layout.packed else size // 2
         if not automatic or attempt == 2 or smaller in (0, size):
             raise DoesNotFit(f"out of memory on the worst micro-batch the run can meet, {describe(layout, size)}: "

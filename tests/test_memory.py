@@ -188,3 +188,20 @@ def test_cuda_memory_grows_in_expandable_segments_unless_the_allocator_was_confi
         assert environ == configured
     source = open(main.__file__).read()  # set before torch loads, which reads it
     assert source.index("expandable_segments(os.environ)") < source.index("import torch")
+
+
+def test_stage_2_on_a_gpu_is_sized_for_the_card_not_batch_size_times_max_length(finetune_config, monkeypatch):
+    """The default that did not fit an A40: 16 x 2048 token slots whatever the card. Now the slots are what the
+    card holds, the global batch of 128 kept."""
+    lines = as_if_on_a_gpu(monkeypatch, 0)
+    cfg = main.resolve_config({"stage": "finetune", "init_from": finetune_config.init_from})
+    cfg = dataclasses.replace(cfg, **{k: getattr(finetune_config, k) for k in ("data_path", "image_root",
+                              "val_data_path", "device", "dtype")}, max_length=256, attn_implementation="varlen")
+    model = main.build_model(cfg, CPU, torch.float32)
+    estimate = estimator(model, main.micro_batch_layout(cfg, model, CPU, 1), CPU, torch.float32)
+    monkeypatch.setattr(main, "available_memory", lambda device: (MARGIN * estimate(1024) * 1.001, "a small card"))
+    sized = main.with_micro_batches(cfg, model, CPU, torch.float32, 1, lines.append)
+    assert sized.max_tokens_per_batch == 1024 < 16 * cfg.max_length and sized.batch_size * sized.grad_accum_steps == 128
+    assert lines == [f"micro-batches of 1,024 token slots (packed, one row): the most whose worst case fits "
+                     f"{MARGIN * estimate(1024) * 1.001 / 1e9:.1f} GB of a small card with 25% to spare (estimated "
+                     f"{estimate(1024) / 1e9:.1f} GB)"]

@@ -84,6 +84,17 @@ def test_the_store_gives_the_same_samples_as_a_list_of_entries_for_the_same_seed
         assert torch.equal(a["pixels"], b["pixels"])
 
 
+def test_a_batch_read_at_once_gives_the_samples_read_one_by_one(shapes_data, processor):
+    store, images, _, _ = open_data(f"{shapes_data}/chat.json", f"{shapes_data}/images.zip", True, processor=processor)
+    train, _ = split_entries(store, 4, seed=5)  # rows picked through an indices mapping, as in a run
+    dataset = LLaVADataset(train, images, processor)
+    for indices in ([3, 4, 5, 6], [11, 0, 7, 7, 2]):  # a contiguous slice of the table, and a scattered take
+        for index, sample in zip(indices, dataset.__getitems__(indices)):
+            alone = dataset[index]
+            assert sample["input_ids"].tolist() == alone["input_ids"].tolist()
+            assert sample["labels"].tolist() == alone["labels"].tolist() and torch.equal(sample["pixels"], alone["pixels"])
+
+
 def test_the_entries_are_built_once_and_again_when_the_source_changes(tmp_path, image_folder, monkeypatch):
     path = tmp_path / "chat.json"
     path.write_text(json.dumps([{"id": "r", "image": "red.jpg", "conversations": turns("<image>")}]))
