@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import zipfile
 from dataclasses import replace
 from functools import partial
@@ -908,8 +909,10 @@ def default_path(args, tokenizer, device) -> dict:
     start = time.perf_counter()
     result = {"steps": steps, "workers": data_workers(cfg.num_workers),
               "compile": pick_compile(cfg.compile, device) or "off"}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     try:
-        run_dir = train_run(cfg)
+        run_dir, printed = train_run(cfg)
     except Exception as error:  # a sync under check_syncs, say: reported with where it happened
         result.update(ok=False, error=f"{type(error).__name__}: {error}"[-3000:])
         return result
@@ -921,6 +924,10 @@ def default_path(args, tokenizer, device) -> dict:
         rates = [row["train/samples_per_s"] for row in map(json.loads, f) if "train/samples_per_s" in row]
     steady = sorted(rates[2:] or rates[-1:])[len(rates[2:] or rates[-1:]) // 2]  # median, after two intervals
     first_interval = log_every * per_step / rates[0]
+    result["sizing"] = [line for line in printed.splitlines() if "micro-batch" in line or "varlen" in line]
+    if device.type == "cuda":  # against the estimate the sizing line gives
+        result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        result["card_memory_gb"] = torch.cuda.get_device_properties(device).total_memory / 1e9
     result.update(ok=True, seconds=time.perf_counter() - start, graphs=dict(torch._dynamo.utils.counters["stats"]),
                   dynamo_compile_s=torch._dynamo.utils.calculate_time_spent().get("total_wall_time", 0.0),
                   first_interval_excess_s=first_interval - log_every * per_step / steady,
@@ -929,10 +936,11 @@ def default_path(args, tokenizer, device) -> dict:
     return result
 
 
-def run_quietly(function, *args):
-    """function(*args) with its console output (the config, progress bars) kept out of the suite's tables."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return function(*args)
+def run_quietly(function, *args) -> tuple:
+    """(function(*args), what it printed): its console output (the config, progress bars) kept out of the
+    suite's tables."""
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()):
+        return function(*args), out.getvalue()
 
 
 def caption_set(data_path: str, image_root: str, processor, max_length: int = 2048) -> LLaVADataset:
@@ -946,8 +954,8 @@ def caption_set(data_path: str, image_root: str, processor, max_length: int = 20
     return LLaVADataset(entries, open_image_source(image_root), processor, max_length)
 
 
-def train_run(cfg: VLMConfig) -> str:
-    """main.py's training of cfg, its data read by caption_set."""
+def train_run(cfg: VLMConfig) -> tuple[str, str]:
+    """main.py's training of cfg, its data read by caption_set: (the run's folder, what it printed)."""
     device = torch.device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     model = build_model(cfg, device, dtype)
@@ -1057,7 +1065,17 @@ def run_gpu_suite(args, tokenizer, device, dtype, report: dict) -> bool:
             report[name] = {"skipped": f"over --suite_minutes {args.suite_minutes}"}
             print(f"\n{name}: skipped, over --suite_minutes {args.suite_minutes}", flush=True)
             return None
-        report[name] = function(*part_args)
+        try:
+            report[name] = function(*part_args)
+        except Exception as error:  # one part's failure reported, the parts after it still run
+            traceback.print_exc()
+            report[name] = {"error": f"{type(error).__name__}: {error}"[-3000:]}
+            print(f"\n{name}: FAILED: {report[name]['error']}", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
+        with open(args.json, "w") as f:  # after every part: a call cut short keeps what it measured
+            json.dump(report, f, indent=1, default=str)
         return report[name]
 
     tests = part("tests", gpu_tests, args.tests.split() if args.tests else GPU_TESTS)
@@ -1068,18 +1086,19 @@ def run_gpu_suite(args, tokenizer, device, dtype, report: dict) -> bool:
         print(f"\nmain.py's default path ({path['micro_batches']} micro-batches, {path['workers']} workers, compile "
               f"{path['compile']}, check_syncs): " + (f"{path['steady_samples_per_s']:.0f} samples/s steady, data "
               f"included; graphs {path['graphs']}; dynamo compiling {path['dynamo_compile_s']:.0f} s; first "
-              f"interval {path['first_interval_excess_s']:.0f} s over the steady state" if path["ok"] else
+              f"interval {path['first_interval_excess_s']:.0f} s over the steady state; peak "
+              f"{path.get('peak_memory_gb', float('nan')):.1f} GB; " + " / ".join(path["sizing"]) if path["ok"] else
               f"FAILED: {path['error']}"), flush=True)
     if part("train_speed", bench_train_speed, args, tokenizer, device, dtype):
         print_table(f"training step at {'tiny' if args.tiny else 'real'} sizes ({args.dtype}, {args.attention})",
                     report["train_speed"], ["compiled", "batch_size", "step_ms", "samples_per_s", "mfu",
                                             "peak_memory_gb", "warmup_s", "note"])
-    if part("data", bench_data, args, tokenizer, args.suite_workers, args.data_repeats, 512):
-        print_table("data pipeline (images.zip -> uint8 batches of 32)", report["data"], ["workers", "images_per_s"])
     if part("packing", bench_packing, args, tokenizer, device, dtype):
         print_table("padded, length-grouped and packed micro-batches", report["packing"],
                     ["stage", "layout", "attention", "real_token_share", "timed_batch", "micro_batches_per_step",
                      "tokens_per_s", "samples_per_s", "speedup", "error"])
+    if part("data", bench_data, args, tokenizer, args.suite_workers, args.data_repeats, 512):
+        print_table("data pipeline (images.zip -> uint8 batches of 32)", report["data"], ["workers", "images_per_s"])
     if part("generate", bench_generate, args, tokenizer, device, dtype):
         print_table(f"generation ({args.new_tokens} new tokens per image)", report["generate"],
                     ["batch_size", "decoding", "images_per_s", "new_tokens_per_s"])

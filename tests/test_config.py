@@ -168,9 +168,10 @@ def test_the_programs_check_their_shared_settings_before_loading(capsys, tmp_pat
     with pytest.raises(SystemExit) as stopped:
         generate.main(["--checkpoint", str(tmp_path), "--image", "a.jpg", "--dtype", "float64", "--device", "tpu"])
     err = capsys.readouterr().err
-    assert stopped.value.code == 2 and len(err.splitlines()) == 3, err
+    assert stopped.value.code == 2 and len(err.splitlines()) == 4, err
     assert all(line.startswith("generate.py: error: ") for line in err.splitlines())
     assert "--dtype 'float64'" in err and "--device 'tpu'" in err and f"--checkpoint '{tmp_path}': no TinyVLM" in err
+    assert "--image 'a.jpg': not found" in err
 
 
 def test_help_answers_at_once_with_a_line_and_the_default_of_every_flag():

@@ -9,6 +9,7 @@ import sys
 
 import demo
 import generate
+from eval import parse_args as eval_arguments
 
 import pytest
 from demo import DEMO_CONFIG, PROMPT
@@ -27,9 +28,11 @@ def test_demo_reports_the_captions_generate_py_gives_for_its_checkpoint(tmp_path
     reported = json.loads((run_dir / "heldout_answers.json").read_text())
     assert len(reported) == 72 and all(r["answer"] for r in reported)
     output = tmp_path / "predictions.json"
+    scoring = eval_arguments(["--checkpoint", "-"])
     status = generate.main(["--checkpoint", str(run_dir), "--data", DEMO_CONFIG["val_data_path"],
                             "--image_root", DEMO_CONFIG["image_root"], "--prompt", PROMPT, "--output", str(output),
-                            "--dtype", "auto"])  # eval.py's batches and answer lengths, as the demo's
+                            "--dtype", "auto", "--batch_size", str(scoring.batch_size),
+                            "--max_new_tokens", str(scoring.max_new_tokens)])  # eval.py's, as the demo scores
     predictions = json.loads(output.read_text())
     assert status == 0
     assert [p["answer"] for p in predictions] == [r["answer"] for r in reported]
