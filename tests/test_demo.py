@@ -27,15 +27,17 @@ def test_demo_reports_the_captions_generate_py_gives_for_its_checkpoint(tmp_path
     run_dir = tmp_path / "demo"
     reported = json.loads((run_dir / "heldout_answers.json").read_text())
     assert len(reported) == 72 and all(r["answer"] for r in reported)
-    output = tmp_path / "predictions.json"
-    scoring = eval_arguments(["--checkpoint", "-"])
-    status = generate.main(["--checkpoint", str(run_dir), "--data", DEMO_CONFIG["val_data_path"],
+    output, first_batch = tmp_path / "predictions.json", tmp_path / "first_batch.json"
+    scoring = eval_arguments(["--checkpoint", "-"])  # the demo scores in eval.py's batches and answer lengths
+    with open(DEMO_CONFIG["val_data_path"]) as f:  # its first batch, the same 16 prompts padded together
+        first_batch.write_text(json.dumps(json.load(f)[:scoring.batch_size]))
+    status = generate.main(["--checkpoint", str(run_dir), "--data", str(first_batch),
                             "--image_root", DEMO_CONFIG["image_root"], "--prompt", PROMPT, "--output", str(output),
                             "--dtype", "auto", "--batch_size", str(scoring.batch_size),
-                            "--max_new_tokens", str(scoring.max_new_tokens)])  # eval.py's, as the demo scores
+                            "--max_new_tokens", str(scoring.max_new_tokens)])
     predictions = json.loads(output.read_text())
-    assert status == 0
-    assert [p["answer"] for p in predictions] == [r["answer"] for r in reported]
+    assert status == 0 and len(predictions) == scoring.batch_size
+    assert [p["answer"] for p in predictions] == [r["answer"] for r in reported[:scoring.batch_size]]
     assert os.path.isfile(run_dir / "loss.png")
 
 
