@@ -1065,8 +1065,10 @@ def run_gpu_suite(args, tokenizer, device, dtype, report: dict) -> bool:
             report[name] = {"skipped": f"over --suite_minutes {args.suite_minutes}"}
             print(f"\n{name}: skipped, over --suite_minutes {args.suite_minutes}", flush=True)
             return None
+        part_start = time.perf_counter()
         try:
             report[name] = function(*part_args)
+            report.setdefault("part_seconds", {})[name] = time.perf_counter() - part_start
         except Exception as error:  # one part's failure reported, the parts after it still run
             traceback.print_exc()
             report[name] = {"error": f"{type(error).__name__}: {error}"[-3000:]}

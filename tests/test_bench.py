@@ -32,10 +32,11 @@ def test_the_programs_import_without_what_a_bare_gpu_machine_lacks(tmp_path):
 def test_gpu_suite_runs_with_tiny_models_on_a_cpu(tmp_path):
     output = tmp_path / "results.json"
     # aot_eager: torch.compile's tracing and autograd without inductor's minutes of C++ compiling on 2 cores
-    # (tests/test_compile.py compiles with inductor); one quick test stands for the tests marked gpu
+    # (tests/test_compile.py compiles with inductor); one quick test stands for the tests marked gpu; the parts
+    # that only repeat are cut short: 8 new tokens, one timed step per packing layout
     result = subprocess.run([sys.executable, "bench.py", "--suite", "gpu", "--tiny", "--compile_backend", "aot_eager",
                              "--tests", "tests/test_syncs.py::test_the_recorder_sees_each_kind_of_sync_and_nothing_else",
-                             "--json", str(output)],
+                             "--new_tokens", "8", "--packing_steps", "1", "--json", str(output)],
                             cwd=ROOT, env=without_packages(tmp_path), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = json.loads(output.read_text())
@@ -46,6 +47,7 @@ def test_gpu_suite_runs_with_tiny_models_on_a_cpu(tmp_path):
     speed = report["train_speed"]
     assert {row["compiled"] for row in speed} == {False, True} and all(row["samples_per_s"] > 0 for row in speed)
     assert [row["workers"] for row in report["data"]] == [1, 2] and report["generate"] and report["packing"]
+    assert set(report["part_seconds"]) == {"tests", "default_path", "train_speed", "packing", "data", "generate"}
     epoch = report["cc3m_epoch"]
     assert epoch["minutes"] == 595_375 / epoch["samples_per_s"] / 60 and "derived" in epoch["a40_assumptions"]
     for title in ("tests on cpu", "default path", "training step", "data pipeline", "packed micro-batches",
@@ -74,3 +76,31 @@ def test_the_models_of_the_memory_rows_train_what_their_rows_say(tokenizer):
     assert any("lora_" in name for name in trained) and {p.dtype for p in trained.values()} == {torch.float32}
     assert all(p.dtype == torch.bfloat16 for name, p in lora.lm.named_parameters() if "lora_" not in name)
     assert not any(p.requires_grad for p in full.vision.parameters())
+
+
+def test_a_suite_part_that_fails_is_reported_and_the_parts_after_it_still_run(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    import bench
+
+    def failing(*args):
+        raise RuntimeError("no varlen kernel")
+
+    monkeypatch.setattr(bench, "gpu_tests", lambda *args: {"ok": True, "summary": "1 passed", "seconds": 1.0})
+    monkeypatch.setattr(bench, "default_path", lambda *args: None)
+    monkeypatch.setattr(bench, "bench_train_speed", lambda *args: None)
+    monkeypatch.setattr(bench, "bench_packing", failing)
+    monkeypatch.setattr(bench, "bench_data", lambda *args: [{"workers": 1, "images_per_s": 10.0}])
+    monkeypatch.setattr(bench, "bench_generate", lambda *args: [{"batch_size": 1, "decoding": "kv",
+                                                                 "images_per_s": 1.0, "new_tokens_per_s": 8.0}])
+    args = argparse.Namespace(suite_minutes=7.0, tests="", tiny=True, attention="eager", dtype="float32",
+                              suite_workers=(1,), data_repeats=1, new_tokens=8, a40_dollars_per_hour=0.44,
+                              json=str(tmp_path / "results.json"))
+    report = {"device": "cpu"}
+    bench.run_gpu_suite(args, None, bench.torch.device("cpu"), bench.torch.float32, report)
+    assert report["packing"] == {"error": "RuntimeError: no varlen kernel"}
+    assert report["generate"] and set(report["part_seconds"]) == {"tests", "default_path", "train_speed", "data",
+                                                                  "generate"}
+    assert "packing: FAILED: RuntimeError: no varlen kernel" in capsys.readouterr().out
+    written = json.loads((tmp_path / "results.json").read_text())  # after each part, not only at the end
+    assert written["packing"] == report["packing"] and written["generate"] == report["generate"]

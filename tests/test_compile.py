@@ -102,10 +102,11 @@ def test_a_compiled_packed_stage2_run_makes_two_graphs_per_region(finetune_confi
 
 @pytest.mark.slow
 def test_generate_works_on_a_compiled_model_and_answers_like_eager(tiny_config, shapes_data):
-
+    """aot_eager: dynamo's tracing, guards and recompiles as in training and decoding, without inductor's minutes
+    of C++ compiling on 2 cores (inductor's numerics are the test above's)."""
     torch._dynamo.reset()
     eager = build_model(tiny_config, CPU, torch.float32).eval()
-    compiled = build_model(dataclasses.replace(tiny_config, compile="true"), CPU, torch.float32)
+    compiled = build_model(dataclasses.replace(tiny_config, compile="aot_eager"), CPU, torch.float32)
     gradients_of_one_step(compiled, collate(samples(compiled, 2), compiled.processor.tokenizer.pad_token_id))
     compiled.eval()  # compiled and run as in training (no optimizer step: the weights stay the eager model's)
     images = shape_images(shapes_data, 2)
