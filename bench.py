@@ -1065,9 +1065,9 @@ def run_gpu_suite(args, tokenizer, device, dtype, report: dict) -> bool:
             report[name] = {"skipped": f"over --suite_minutes {args.suite_minutes}"}
             print(f"\n{name}: skipped, over --suite_minutes {args.suite_minutes}", flush=True)
             return None
-        part_start = time.perf_counter()
+        part_start, result = time.perf_counter(), None
         try:
-            report[name] = function(*part_args)
+            report[name] = result = function(*part_args)
             report.setdefault("part_seconds", {})[name] = time.perf_counter() - part_start
         except Exception as error:  # one part's failure reported, the parts after it still run
             traceback.print_exc()
@@ -1075,14 +1075,14 @@ def run_gpu_suite(args, tokenizer, device, dtype, report: dict) -> bool:
             print(f"\n{name}: FAILED: {report[name]['error']}", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            return None
         with open(args.json, "w") as f:  # after every part: a call cut short keeps what it measured
             json.dump(report, f, indent=1, default=str)
-        return report[name]
+        return result
 
     tests = part("tests", gpu_tests, args.tests.split() if args.tests else GPU_TESTS)
-    print(f"\ntests on {device.type}: {tests['summary']} ({tests['seconds']:.0f} s)" +
-          ("" if tests["ok"] else "\n" + tests["output_tail"][-3000:]), flush=True)
+    if tests:
+        print(f"\ntests on {device.type}: {tests['summary']} ({tests['seconds']:.0f} s)" +
+              ("" if tests["ok"] else "\n" + tests["output_tail"][-3000:]), flush=True)
     path = part("default_path", default_path, args, tokenizer, device)
     if path:
         print(f"\nmain.py's default path ({path['micro_batches']} micro-batches, {path['workers']} workers, compile "
