@@ -31,7 +31,10 @@ def parse_args(argv):
 if __name__ == "__main__":  # --help and a mistyped flag answer here, before torch loads below
     parse_args(sys.argv[1:])
 
-import gradio as gr
+try:
+    import gradio as gr
+except ImportError:  # GPU machines' images often lack it; the programs that need no page still run there
+    gr = None
 import transformers
 from PIL import Image
 
@@ -118,7 +121,7 @@ class ChatServer:
         return [], [], "", ""
 
 
-def build_page(server: ChatServer, checkpoint: str) -> gr.Blocks:
+def build_page(server: ChatServer, checkpoint: str) -> "gr.Blocks":
     with gr.Blocks(title="TinyVLM chat", analytics_enabled=False) as page:
         gr.Markdown(f"## TinyVLM chat\n`{checkpoint}`: upload an image, ask about it, follow up.")
         conversation = gr.State([])
@@ -152,6 +155,8 @@ def build_page(server: ChatServer, checkpoint: str) -> gr.Blocks:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     exit_if_problems("serve.py", runtime_problems(args.device, args.dtype, args.attn_implementation, args.checkpoint))
+    if gr is None:
+        exit_if_problems("serve.py", ["gradio is not installed: `uv sync` installs it, or `pip install gradio`"])
     transformers.utils.logging.disable_progress_bar()
     model, folder, device, dtype = load_for_inference(args.checkpoint, args.device, args.dtype,
                                                      args.attn_implementation)

