@@ -42,9 +42,13 @@ def cache_folder(source: str) -> str:
     return os.path.join(fallback, hashlib.sha1(source.encode()).hexdigest()[:16])
 
 
-def file_stamp(path: str) -> list:
-    """What identifies a file's contents cheaply: a changed file (size or modification time) is read again."""
-    return [CACHE_FORMAT, os.path.abspath(path), os.path.getsize(path), os.stat(path).st_mtime_ns]
+def cache_file(source: str, what: str) -> str:
+    """The path of a cache of a source file in its cache folder, named by what identifies the file's contents
+    cheaply (size, modification time): a changed file is read again. Makes the folder."""
+    os.makedirs(cache_folder(source), exist_ok=True)
+    stamp = [CACHE_FORMAT, os.path.abspath(source), os.path.getsize(source), os.stat(source).st_mtime_ns]
+    digest = hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:16]
+    return os.path.join(cache_folder(source), f"{os.path.basename(source)}.{what}-{digest}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -101,27 +105,24 @@ class ImageZip:
 
     def read(self, name: str) -> bytes:
         if self._pid != os.getpid():  # a worker opens its own descriptor (and, spawned, maps the index)
-            self._index, self._pid = self._index or zip_index(self.path), os.getpid()
+            self._index, self._pid = zip_index(self.path) if self._index is None else self._index, os.getpid()
             self._fd = os.open(self.path, os.O_RDONLY)
-        for candidate in (name, self._index["prefix"] + name) if self._index["prefix"] else (name,):
-            hashes, key = self._index["hashes"], np.uint64(name_hash(candidate))
-            for row in range(np.searchsorted(hashes, key, "left"), np.searchsorted(hashes, key, "right")):
-                data = self.member(candidate, *(int(v) for v in self._index["members"][row]))
-                if data is not None:
-                    return data
+        names = self._index["name"]  # sorted: the names share a top folder if the first and the last do
+        top = names[0].split(b"/")[0] + b"/" if len(names) else b""
+        top = top if len(names) and names[0].startswith(top) and names[-1].startswith(top) else b""
+        for candidate in (name.encode(), top + name.encode()):
+            row = np.searchsorted(names, candidate)
+            if row < len(names) and names[row] == candidate:
+                return self.member(name, *(int(v) for v in self._index[row].tolist()[1:]))
         raise FileNotFoundError(f"{name} is not in {self.path}")
 
-    def member(self, name: str, offset: int, size: int, crc: int, method: int) -> bytes | None:
-        """The bytes of the member at offset if its local header names it (not another of the same hash)."""
+    def member(self, name: str, offset: int, size: int, crc: int, method: int) -> bytes:
         header = os.pread(self._fd, 30, offset)
         if len(header) < 30 or header[:4] != b"PK\x03\x04":
             raise OSError(f"{self.path}: bad local header for {name}")
-        flags, name_length, extra_length = struct.unpack("<H", header[6:8])[0], *struct.unpack("<HH", header[26:30])
-        if os.pread(self._fd, name_length, offset + 30).decode("utf-8" if flags & 0x800 else "cp437") != name:
-            return None
-        if flags & 0x1 or method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        if method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             raise OSError(f"{name} in {self.path}: encrypted, or compressed by method {method}")
-        data = os.pread(self._fd, size, offset + 30 + name_length + extra_length)
+        data = os.pread(self._fd, size, offset + 30 + sum(struct.unpack("<HH", header[26:30])))  # name, extra
         data = zlib.decompress(data, -15) if method == zipfile.ZIP_DEFLATED else data
         if zlib.crc32(data) != crc:
             raise OSError(f"{name} in {self.path}: CRC mismatch (a corrupt zip?)")
@@ -131,43 +132,27 @@ class ImageZip:
         return {**self.__dict__, "_index": None, "_fd": None, "_pid": None}
 
 
-def name_hash(name: str) -> int:
-    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little")
-
-
-ZIP_MEMBER = np.dtype([("offset", "<i8"), ("compressed_size", "<i8"), ("crc", "<u4"), ("method", "<u2")])
-
-
-def zip_index(path: str) -> dict:
-    """A zip's members as memory-mapped arrays sorted by name hash, hashes (uint64) and members (ZIP_MEMBER),
-    read from its central directory once into the cache folder (datasets reads no zip in place)."""
-    prefix = os.path.join(cache_folder(path), f"{os.path.basename(path)}.zipindex")
-    try:
-        with open(f"{prefix}.json") as f:
-            meta = json.load(f)
-        if meta["source"] == file_stamp(path):
-            return {"prefix": meta["prefix"], "hashes": np.load(f"{prefix}.hashes.npy", mmap_mode="r"),
-                    "members": np.load(f"{prefix}.members.npy", mmap_mode="r")}
-    except (OSError, ValueError, KeyError):
-        pass
-    try:
-        with zipfile.ZipFile(path) as archive:
-            infos = [info for info in archive.infolist() if not info.is_dir()]
-    except zipfile.BadZipFile as error:
-        raise DataError(f"{path} (--image_root): not a readable zip file ({error})") from error
-    hashes = np.array([name_hash(info.filename) for info in infos], dtype=np.uint64)
-    members = np.array([(i.header_offset, i.compress_size, i.CRC, i.compress_type) for i in infos], dtype=ZIP_MEMBER)
-    folders = {info.filename.split("/", 1)[0] for info in infos}
-    one_folder = len(folders) == 1 and all("/" in info.filename for info in infos)
-    os.makedirs(os.path.dirname(prefix), exist_ok=True)
-    order, temporary = np.argsort(hashes, kind="stable"), f"{prefix}.tmp{os.getpid()}"
-    for name, array in (("hashes", hashes[order]), ("members", members[order])):  # renamed whole, the stamp last
-        np.save(f"{temporary}.npy", array)
-        os.replace(f"{temporary}.npy", f"{prefix}.{name}.npy")
-    with open(temporary, "w") as f:
-        json.dump({"source": file_stamp(path), "prefix": folders.pop() + "/" if one_folder else ""}, f)
-    os.replace(temporary, f"{prefix}.json")
-    return zip_index(path)
+def zip_index(path: str) -> np.ndarray:
+    """A zip's members (name, offset, size, crc, method; -1 if encrypted) sorted by name, read from its central
+    directory once into a memory-mapped file in the cache folder: zipfile would read the whole directory again
+    in every process, and datasets reads no zip in place."""
+    index_file = cache_file(path, "index") + ".npy"
+    if not os.path.isfile(index_file):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                infos = [info for info in archive.infolist() if not info.is_dir()]
+        except zipfile.BadZipFile as error:
+            raise DataError(f"{path} (--image_root): not a readable zip file ({error})") from error
+        names = [info.filename.encode() for info in infos]
+        members = [(name, i.header_offset, i.compress_size, i.CRC, -1 if i.flag_bits & 0x1 else i.compress_type)
+                   for name, i in zip(names, infos)]
+        index = np.array(members, dtype=[("name", f"S{max(map(len, names), default=1)}"), ("offset", "<i8"),
+                                         ("size", "<i8"), ("crc", "<u4"), ("method", "<i2")])
+        index.sort(order="name")
+        with open(f"{index_file}.tmp{os.getpid()}", "wb") as f:
+            np.save(f, index)
+        os.replace(f"{index_file}.tmp{os.getpid()}", index_file)  # whole or not at all
+    return np.load(index_file, mmap_mode="r")
 
 
 def open_image_source(path: str):
@@ -378,10 +363,8 @@ def json_entries(path: str):
     import datasets
     from datasets.arrow_writer import ArrowWriter
 
-    stamp = hashlib.sha1(json.dumps(file_stamp(path)).encode()).hexdigest()[:16]
-    arrow_file = os.path.join(cache_folder(path), f"{os.path.basename(path)}.entries-{stamp}.arrow")
+    arrow_file = cache_file(path, "entries") + ".arrow"
     if not os.path.isfile(arrow_file):
-        os.makedirs(os.path.dirname(arrow_file), exist_ok=True)
         rows = [entry_row(row) for row in load_llava_json(path)]
         with ArrowWriter(path=f"{arrow_file}.tmp{os.getpid()}", features=entry_features()) as writer:
             for start in range(0, max(len(rows), 1), 10_000):

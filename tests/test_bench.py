@@ -28,14 +28,16 @@ def test_the_programs_import_without_what_a_bare_gpu_machine_lacks(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_serve_without_gradio_checks_its_checkpoint_then_says_what_to_install(stage1_model, tmp_path):
-    env = without_packages(tmp_path)
+def test_serve_without_gradio_checks_its_checkpoint_then_says_what_to_install(stage1_model, monkeypatch, capsys):
+    import serve  # it imports without gradio: test_the_programs_import_without_what_a_bare_gpu_machine_lacks
+
+    monkeypatch.setattr(serve, "gr", None)
     for checkpoint, message in (("nowhere", "--checkpoint 'nowhere': no TinyVLM in nowhere"),
                                 (stage1_model, "gradio is not installed")):
-        result = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), "--checkpoint", checkpoint],
-                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-        lines = [line for line in result.stderr.splitlines() if "Warning" not in line and line.strip()]
-        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+        with pytest.raises(SystemExit) as stopped:
+            serve.main(["--checkpoint", checkpoint])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert stopped.value.code == 2 and len(lines) == 1 and message in lines[0], lines
 
 
 @pytest.mark.slow

@@ -141,6 +141,11 @@ def test_the_zip_index_reads_stored_and_deflated_members_exactly(tmp_path):
     assert source.read("stored.jpg") == payloads["a/stored.jpg"]  # names under the one top folder resolve
     with pytest.raises(FileNotFoundError, match="missing.jpg"):
         source.read("a/missing.jpg")
+    with zipfile.ZipFile(tmp_path / "two.zip", "w") as archive:  # two top folders: a name resolves as written only
+        archive.writestr("a/x.jpg", b"x")
+        archive.writestr("b/y.jpg", b"y")
+    with pytest.raises(FileNotFoundError, match="x.jpg"):
+        ImageZip(str(tmp_path / "two.zip")).read("x.jpg")
 
 
 def test_the_zip_index_is_cached_and_no_process_reads_the_central_directory_again(image_zip, monkeypatch):
