@@ -45,10 +45,11 @@ def test_gpu_suite_runs_with_tiny_models_on_a_cpu(tmp_path):
     output = tmp_path / "results.json"
     # aot_eager: torch.compile's tracing and autograd without inductor's minutes of C++ compiling on 2 cores
     # (tests/test_compile.py compiles with inductor); one quick test stands for the tests marked gpu; the parts
-    # that only repeat are cut short: 8 new tokens, one timed step per packing layout
+    # that only repeat are cut short: 8 new tokens, one timed micro-batch of one sample per packing layout
     result = subprocess.run([sys.executable, "bench.py", "--suite", "gpu", "--tiny", "--compile_backend", "aot_eager",
                              "--tests", "tests/test_syncs.py::test_the_recorder_sees_each_kind_of_sync_and_nothing_else",
-                             "--new_tokens", "8", "--packing_steps", "1", "--json", str(output)],
+                             "--new_tokens", "8", "--packing_steps", "1", "--packing_samples", "256",
+                             "--packing_batch_size", "1", "--packing_grad_accum", "1", "--json", str(output)],
                             cwd=ROOT, env=without_packages(tmp_path), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = json.loads(output.read_text())
