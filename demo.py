@@ -14,6 +14,7 @@ import io
 import json
 import os
 import random
+import shutil
 import sys
 import time
 import zipfile
@@ -268,10 +269,10 @@ def prepare_language_model(folder: str = LANGUAGE_MODEL_DIR) -> str:
     config.pop("quantization_config", None)
     model = AutoModelForCausalLM.from_config(type(quantised.config).from_dict(config))
     model.load_state_dict(quantised.state_dict())
-    tmp = folder + ".tmp"
+    tmp = f"{folder}.tmp{os.getpid()}"
     model.to(torch.bfloat16).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, folder)
+    put_in_place(tmp, folder)
     if path.startswith(DEMO_DIR):  # an assembled copy: the converted folder replaces it
         os.remove(path)
     return folder
@@ -287,13 +288,24 @@ def prepare_vision_model(folder: str = VISION_MODEL_DIR, seed: int = 0) -> str:
 
     torch.manual_seed(seed)
     model = SiglipVisionModel(SiglipVisionConfig(vision_use_head=False, image_size=IMAGE_SIZE))
-    tmp = folder + ".tmp"
+    tmp = f"{folder}.tmp{os.getpid()}"
     model.to(torch.bfloat16).save_pretrained(tmp)
     preprocessing = dict(SIGLIP_PREPROCESSING, size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
         json.dump(preprocessing, f, indent=2)
-    os.replace(tmp, folder)
+    put_in_place(tmp, folder)
     return folder
+
+
+def put_in_place(tmp: str, folder: str) -> None:
+    """A model folder written whole under a temporary name moved to its place; where another process (a
+    parallel test worker) put one there first, theirs is kept."""
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise
+        shutil.rmtree(tmp)
 
 
 def prepare(cfg) -> None:

@@ -70,3 +70,15 @@ def test_a_missing_stage1_run_or_model_package_is_one_line_and_exit_status_2(tmp
         demo.main(["--language_model", folder + "/", "--image_root", f"{shapes_data}/images.zip"])  # the same folder
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and "run `uv sync`" in err
+
+
+def test_a_model_folder_another_process_put_in_place_first_is_kept(tmp_path):
+    for name, text in (("model", "first"), ("model.tmp1", "second")):  # a parallel test worker converted it first
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "config.json").write_text(text)
+    demo.put_in_place(str(tmp_path / "model.tmp1"), str(tmp_path / "model"))
+    assert (tmp_path / "model" / "config.json").read_text() == "first" and not (tmp_path / "model.tmp1").exists()
+    os.makedirs(tmp_path / "new.tmp2")
+    (tmp_path / "new.tmp2" / "config.json").write_text("new")
+    demo.put_in_place(str(tmp_path / "new.tmp2"), str(tmp_path / "new"))
+    assert (tmp_path / "new" / "config.json").read_text() == "new"
