@@ -457,9 +457,7 @@ def open_data(data_path: str, image_root: str, require_image: bool, subset: str 
     if require_image:  # counted, not shown: a stage-2 set has many, and none is wrong
         problems[(problems == "") & (pc.list_value_length(columns["image"]).to_numpy() == 0)] = "no image"
     skipped = Counter(problems[problems != ""].tolist())
-    usable = entries.filter(lambda problem, image: [not p and (bool(names) or not require_image) for p, names in
-                                                    zip(problem, image)], batched=True, input_columns=["problem", "image"])
-    return usable, images, skipped, examples
+    return entries.select(np.flatnonzero(problems == "")), images, skipped, examples
 
 
 def split_entries(entries, val_size: int, seed: int) -> tuple:
@@ -477,8 +475,8 @@ def split_entries(entries, val_size: int, seed: int) -> tuple:
 
 def without_long_samples(entries, max_length: int) -> tuple:
     """Tokenized entries without those longer than max_length tokens, and how many there were."""
-    short = entries.filter(lambda lengths: [n <= max_length for n in lengths], batched=True, input_columns="length")
-    return short, len(entries) - len(short)
+    short = np.flatnonzero(entries.select_columns(["length"]).with_format("arrow")[:]["length"].to_numpy() <= max_length)
+    return entries.select(short), len(entries) - len(short)
 
 
 def check_data_paths(data_path: str, image_root: str, val_data_path: str = "") -> None:
