@@ -107,13 +107,13 @@ class ImageZip:
         if self._pid != os.getpid():  # a worker opens its own descriptor (and, spawned, maps the index)
             self._index, self._pid = zip_index(self.path) if self._index is None else self._index, os.getpid()
             self._fd = os.open(self.path, os.O_RDONLY)
-        names = self._index["name"]  # sorted: the names share a top folder if the first and the last do
+        names, members = self._index  # sorted by name: they share a top folder if the first and the last do
         top = names[0].split(b"/")[0] + b"/" if len(names) else b""
         top = top if len(names) and names[0].startswith(top) and names[-1].startswith(top) else b""
         for candidate in (name.encode(), top + name.encode()):
             row = np.searchsorted(names, candidate)
             if row < len(names) and names[row] == candidate:
-                return self.member(name, *(int(v) for v in self._index[row].tolist()[1:]))
+                return self.member(name, *(int(v) for v in members[row].tolist()))
         raise FileNotFoundError(f"{name} is not in {self.path}")
 
     def member(self, name: str, offset: int, size: int, crc: int, method: int) -> bytes:
@@ -132,27 +132,27 @@ class ImageZip:
         return {**self.__dict__, "_index": None, "_fd": None, "_pid": None}
 
 
-def zip_index(path: str) -> np.ndarray:
-    """A zip's members (name, offset, size, crc, method; -1 if encrypted) sorted by name, read from its central
-    directory once into a memory-mapped file in the cache folder: zipfile would read the whole directory again
-    in every process, and datasets reads no zip in place."""
-    index_file = cache_file(path, "index") + ".npy"
-    if not os.path.isfile(index_file):
+def zip_index(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """A zip's member names and their (offset, size, crc, method; -1 if encrypted), sorted by name, read from its
+    central directory once into memory-mapped files in the cache folder: zipfile would read the whole directory
+    again in every process, and datasets reads no zip in place. The names are an array of their own, contiguous,
+    which np.searchsorted needs (given a field of a structured array it copies the whole column each time)."""
+    prefix = cache_file(path, "index")
+    if not os.path.isfile(f"{prefix}.members.npy"):  # written last: its presence means the index is whole
         try:
             with zipfile.ZipFile(path) as archive:
                 infos = [info for info in archive.infolist() if not info.is_dir()]
         except zipfile.BadZipFile as error:
             raise DataError(f"{path} (--image_root): not a readable zip file ({error})") from error
-        names = [info.filename.encode() for info in infos]
-        members = [(name, i.header_offset, i.compress_size, i.CRC, -1 if i.flag_bits & 0x1 else i.compress_type)
-                   for name, i in zip(names, infos)]
-        index = np.array(members, dtype=[("name", f"S{max(map(len, names), default=1)}"), ("offset", "<i8"),
-                                         ("size", "<i8"), ("crc", "<u4"), ("method", "<i2")])
-        index.sort(order="name")
-        with open(f"{index_file}.tmp{os.getpid()}", "wb") as f:
-            np.save(f, index)
-        os.replace(f"{index_file}.tmp{os.getpid()}", index_file)  # whole or not at all
-    return np.load(index_file, mmap_mode="r")
+        names = np.array([info.filename.encode() for info in infos], dtype=bytes)
+        members = np.array([(i.header_offset, i.compress_size, i.CRC, -1 if i.flag_bits & 0x1 else i.compress_type)
+                            for i in infos], dtype=[("offset", "<i8"), ("size", "<i8"), ("crc", "<u4"), ("method", "<i2")])
+        order = np.argsort(names, kind="stable")
+        for part, array in (("names", names[order]), ("members", members[order])):
+            with open(f"{prefix}.tmp{os.getpid()}", "wb") as f:
+                np.save(f, array)
+            os.replace(f"{prefix}.tmp{os.getpid()}", f"{prefix}.{part}.npy")  # whole or not at all
+    return np.load(f"{prefix}.names.npy", mmap_mode="r"), np.load(f"{prefix}.members.npy", mmap_mode="r")
 
 
 def open_image_source(path: str):
@@ -474,8 +474,11 @@ def split_entries(entries, val_size: int, seed: int) -> tuple:
 
 
 def without_long_samples(entries, max_length: int) -> tuple:
-    """Tokenized entries without those longer than max_length tokens, and how many there were."""
-    short = np.flatnonzero(entries.select_columns(["length"]).with_format("arrow")[:]["length"].to_numpy() <= max_length)
+    """Tokenized entries without those longer than max_length tokens, and how many there were. The lengths are
+    read from the table under the entries' selection (a split), at once: through one, datasets reads row by row."""
+    lengths = entries.data.column("length").to_numpy()
+    lengths = lengths if entries._indices is None else lengths[entries._indices.column(0).to_numpy()]
+    short = np.flatnonzero(lengths <= max_length)
     return entries.select(short), len(entries) - len(short)
 
 

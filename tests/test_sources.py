@@ -18,7 +18,7 @@ import sources
 import demo
 from data import LLaVADataset, Processor, StreamSampler, collate
 from sources import (IGNORE_INDEX, ImageFolder, ImageZip, check_data_paths, decode_image, load_llava_json, open_data,
-                     split_entries)
+                     split_entries, without_long_samples)
 
 datasets.disable_progress_bars()
 COLOURS = {"red.jpg": (220, 20, 20), "green.jpg": (20, 220, 20), "blue.jpg": (20, 20, 220)}
@@ -82,6 +82,20 @@ def test_the_store_gives_the_same_samples_as_a_list_of_entries_for_the_same_seed
         a, b = from_list[index], from_store[index]
         assert a["input_ids"] == b["input_ids"] and a["labels"] == b["labels"]
         assert torch.equal(a["pixels"], b["pixels"])
+
+
+def test_long_samples_are_dropped_through_the_splits_selection_as_row_by_row(tmp_path, shapes_data, processor):
+    entries = json.load(open(f"{shapes_data}/chat.json"))
+    entries[1]["conversations"][0]["value"] = "no marker here"  # skipped: the usable entries are a selection
+    for i in (3, 8, 13):
+        entries[i]["conversations"][1]["value"] = "a long caption " * (5 * i)
+    (tmp_path / "chat.json").write_text(json.dumps(entries))
+    store, _, _, _ = open_data(str(tmp_path / "chat.json"), f"{shapes_data}/images.zip", True, processor=processor)
+    train, _ = split_entries(store, 4, seed=5)  # a selection of a selection
+    max_length = sorted(row["length"] for row in train)[len(train) // 2]
+    short, dropped = without_long_samples(train, max_length)
+    expected = [row["id"] for row in train if row["length"] <= max_length]
+    assert [row["id"] for row in short] == expected and dropped == len(train) - len(expected) > 0
 
 
 def test_a_batch_read_at_once_gives_the_samples_read_one_by_one(shapes_data, processor):
