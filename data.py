@@ -8,7 +8,7 @@ import ctypes
 import json
 import signal
 from collections import Counter
-from itertools import count
+from itertools import chain, count
 
 import numpy as np
 import torch
@@ -120,39 +120,45 @@ class Processor:
         return self.encode_many([messages])[0]
 
     def encode_many(self, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
-        """encode() of several conversations, in one call of the tokenizer. Each image's run of placeholders
-        is tokenized as a single placeholder and widened back to num_image_tokens after: the placeholder is an
-        added token, which splits the text around it, so the ids are the same, for half the tokenizing."""
+        """encode() of several conversations, in one call of the tokenizer."""
+        ids, labels, bounds = self.encode_flat(conversations)
+        return [(ids[a:z].tolist(), labels[a:z].tolist()) for a, z in zip(bounds[:-1], bounds[1:])]
+
+    def encode_flat(self, conversations: list[list[dict]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """encode_many() as arrays: the conversations' token ids and labels end to end, (N,) each, and where each
+        conversation starts, (len(conversations) + 1,), computed for the whole batch at once. Each image's run of
+        placeholders is tokenized as a single placeholder and widened back to num_image_tokens after: the
+        placeholder is an added token, which splits the text around it, so the ids are the same, for half the
+        tokenizing."""
         conversations = [[{**m, "content": m["content"].replace(self.image_placeholder, self.image_token)}
                           for m in messages] for messages in conversations]
-        texts, all_spans, prompt_lengths = [], [], {}  # a prompt before an answer recurs: rendered once
-        for messages, text in zip(conversations, self.render_many(conversations, add_generation_prompt=False)):
-            spans = []
+        texts = self.render_many(conversations, add_generation_prompt=False)
+        text_starts = np.cumsum([0] + [len(text) for text in texts])  # where each text starts, all end to end
+        span_starts, span_ends, prompt_lengths = [], [], {}  # a prompt before an answer recurs: rendered once
+        for messages, text, text_start in zip(conversations, texts, text_starts.tolist()):
             for i, message in enumerate(messages):
                 if message["role"] != "assistant":
                     continue
                 prompt = json.dumps(messages[:i])
                 if prompt not in prompt_lengths:
                     prompt_lengths[prompt] = len(self.render(messages[:i], add_generation_prompt=True))
-                start = prompt_lengths[prompt]
-                target = message["content"] + self.end_of_turn
+                start, target = prompt_lengths[prompt], message["content"] + self.end_of_turn
                 if text[start:start + len(target)] != target:
                     raise ValueError("the chat template does not render an assistant turn as "
                                      "<generation prompt><content><end of turn>; cannot mask labels")
-                spans.append((start, start + len(target)))
-            texts.append(text)
-            all_spans.append(spans)
-        results = []
-        for ids, offsets, spans in zip(*self.tokenize_with_offsets(texts), all_spans):
-            starts = np.array([start for start, _ in offsets], dtype=np.int64)  # each token's first character
-            is_target = np.zeros(len(ids), dtype=bool)
-            for start, end in spans:
-                is_target |= (starts >= start) & (starts < end)
-            ids = np.array(ids, dtype=np.int64)
-            labels = np.where(is_target, ids, IGNORE_INDEX)
-            widths = np.where(ids == self.image_token_id, self.num_image_tokens, 1)  # a placeholder: its run
-            results.append((np.repeat(ids, widths).tolist(), np.repeat(labels, widths).tolist()))
-        return results
+                span_starts.append(text_start + start)
+                span_ends.append(text_start + start + len(target))
+        token_ids, offsets = self.tokenize_with_offsets(texts)
+        counts = [len(row) for row in token_ids]
+        ids = np.fromiter(chain.from_iterable(token_ids), np.int64, sum(counts))  # (N,)
+        starts = np.fromiter((start for row in offsets for start, _ in row), np.int64, sum(counts))
+        starts += np.repeat(text_starts[:-1], counts)  # each token's first character, in the texts end to end
+        span = np.searchsorted(span_starts, starts, side="right") - 1  # the last assistant turn starting before
+        is_target = starts < np.array(span_ends + [0])[span]  # ... and still going on (none before: span -1, 0)
+        widths = np.where(ids == self.image_token_id, self.num_image_tokens, 1)  # a placeholder: its run
+        lengths = np.bincount(np.repeat(np.arange(len(texts)), counts), widths, minlength=len(texts))
+        bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (len(conversations) + 1,)
+        return np.repeat(ids, widths), np.repeat(np.where(is_target, ids, IGNORE_INDEX), widths), bounds
 
     def encode_llava(self, turns: list[dict]) -> tuple[list[int], list[int]]:
         """encode() of a LLaVA conversation ({"from": "human" | "gpt", "value"} turns, <image> markers)."""

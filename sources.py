@@ -22,7 +22,7 @@ IMAGE_MARKER = "<image>"  # where LLaVA data puts the image in a human turn
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # LLaVA's speakers -> chat roles
 LLAVA_ROLES = {role: speaker for speaker, role in ROLES.items()}  # chat roles -> LLaVA's speakers
 EMBEDDED = "embedded://"  # an image in a parquet or hub table: embedded://<column>/<row>/<k-th image>
-CACHE_FORMAT = 2  # bump when what the caches hold changes: they are then built again
+CACHE_FORMAT = 3  # bump when what the caches hold changes: they are then built again
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # PIL's on a bad image file
 
 
@@ -335,14 +335,14 @@ def row_to_llava(row) -> dict:
 
 def entry_features(tokens: bool = False):
     """The entries' columns, whatever the source: id, image (names), conversations (LLaVA turns) and the problem
-    that makes an entry unusable ("" if none); tokenized, each one's input_ids, targets and length too."""
+    that makes an entry unusable ("" if none); or, with tokens, those tokenize adds: each one's input_ids,
+    targets and length."""
     from datasets import Features, List, Value
 
-    features = {"id": Value("string"), "image": List(Value("string")), "problem": Value("string"),
-                "conversations": List({"from": Value("string"), "value": Value("string")})}
     if tokens:
-        features.update(input_ids=List(Value("int32")), targets=List(Value("bool")), length=Value("int32"))
-    return Features(features)
+        return Features(input_ids=List(Value("int32")), targets=List(Value("bool")), length=Value("int32"))
+    return Features(id=Value("string"), image=List(Value("string")), problem=Value("string"),
+                    conversations=List({"from": Value("string"), "value": Value("string")}))
 
 
 def entry_row(row) -> dict:
@@ -424,23 +424,33 @@ def processor_stamp(processor) -> str:
     return digest.hexdigest()[:16]
 
 
-def encode_entries(conversations: list, problems: list, processor) -> dict:
-    """A batch of entries' token ids, targets (the labels that are not IGNORE_INDEX) and lengths."""
-    encoded = iter(processor.encode_llava_many([c for c, problem in zip(conversations, problems) if not problem]))
-    ids, labels = zip(*[([], []) if problem else next(encoded) for problem in problems])
-    return {"input_ids": list(ids), "targets": [[label != IGNORE_INDEX for label in row] for row in labels],
-            "length": [len(row) for row in ids]}
+def encode_entries(conversations: list, problems: list, processor):
+    """A batch of entries' token ids, targets (the labels that are not IGNORE_INDEX) and lengths, as an Arrow
+    table built from processor.encode_flat's arrays (an unusable entry: none)."""
+    import pyarrow as pa
+
+    usable = np.array([not problem for problem in problems], dtype=bool)
+    ids, labels, bounds = processor.encode_flat([llava_to_messages(turns, processor.image_placeholder)
+                                                 for turns, ok in zip(conversations, usable) if ok])
+    lengths = np.zeros(len(problems), dtype=np.int32)
+    lengths[usable] = np.diff(bounds)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, ids.astype(np.int32)),
+                     "targets": pa.ListArray.from_arrays(offsets, labels != IGNORE_INDEX), "length": lengths})
 
 
 def tokenize(entries, processor, processes: int = 0):
-    """The entries with their token ids, targets and lengths, computed once by processor.encode_llava_many with
-    Dataset.map: batched, one process per core at scale, cached by processor_stamp (another tokenizer, chat
-    template, system prompt or count of image tokens tokenizes again)."""
+    """The entries with their token ids, targets and lengths, computed once by processor.encode_flat with
+    Dataset.map (batched, one process per core at scale) into a table of their own beside the entries, cached by
+    processor_stamp (another tokenizer, chat template, system prompt or count of image tokens tokenizes again)."""
+    import datasets
+
     processes = processes or (len(os.sched_getaffinity(0)) if len(entries) >= 20_000 else 1)
-    return entries.map(encode_entries, batched=True, input_columns=["conversations", "problem"], desc="tokenizing",
-                       fn_kwargs={"processor": processor}, features=entry_features(tokens=True),
-                       num_proc=processes if processes > 1 else None,
-                       new_fingerprint=f"{entries._fingerprint}-tokens-{processor_stamp(processor)}")
+    tokens = entries.map(encode_entries, batched=True, input_columns=["conversations", "problem"], desc="tokenizing",
+                         fn_kwargs={"processor": processor}, features=entry_features(tokens=True),
+                         num_proc=processes if processes > 1 else None,
+                         new_fingerprint=f"{entries._fingerprint}-tokens-{processor_stamp(processor)}")
+    return datasets.concatenate_datasets([entries, tokens], axis=1)
 
 
 def open_data(data_path: str, image_root: str, require_image: bool, subset: str = "", split: str = "train",
