@@ -44,7 +44,9 @@ def test_chat_prompt_tokens_equal_the_training_tokens_up_to_each_answer(tiny_mod
 
 
 REFUSED = [  # (conversation, with an image): what training never has
-    ([{"role": "user", "content": "Hi"}, {"role": "user", "content": "<image> what is it?"}], True),  # late image
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<image>"},
+      {"role": "user", "content": "What is it?"}], True),  # an image in an answer
+    ([{"role": "user", "content": "<image> and <image>: which is larger?"}], True),  # two markers, one image
     ([{"role": "user", "content": "<image> what is it?"}], False),  # a marker with no image
     ([{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "A dog."}], True),  # no question
     ([{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "What is it?"}], True),

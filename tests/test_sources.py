@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import struct
 import zipfile
 
 import datasets
@@ -150,6 +151,9 @@ def test_the_zip_index_reads_stored_and_deflated_members_exactly(tmp_path):
     with zipfile.ZipFile(tmp_path / "images.zip", "w") as archive:
         for i, (name, payload) in enumerate(payloads.items()):
             archive.writestr(name, payload, compress_type=zipfile.ZIP_DEFLATED if i else zipfile.ZIP_STORED)
+        member = zipfile.ZipInfo("a/long extra field.jpg")  # more than the bytes read with the header at once
+        member.extra = struct.pack("<HH", 0xCAFE, 300) + bytes(300)
+        archive.writestr(member, payloads.setdefault(member.filename, jpeg((9, 9, 9))))
     source = ImageZip(str(tmp_path / "images.zip"))
     assert all(source.read(name) == payload for name, payload in payloads.items())
     assert source.read("stored.jpg") == payloads["a/stored.jpg"]  # names under the one top folder resolve
