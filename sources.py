@@ -7,11 +7,13 @@ import glob
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import struct
 import zipfile
 import zlib
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
@@ -388,9 +390,11 @@ def source_entries(data_path: str, image_root: str, subset: str = "", split: str
     json_entries, parquet (cached beside it) and hub tables by Dataset.map."""
     import datasets
 
+    if data_path.endswith((".json", ".jsonl")):  # a zip's index built meanwhile, in a process of its own
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+            paths = pool.submit(open_image_source, image_root) if image_root else None
+            return json_entries(data_path), paths and paths.result()
     paths = open_image_source(image_root) if image_root else None
-    if data_path.endswith((".json", ".jsonl")):
-        return json_entries(data_path), paths
     if os.path.exists(data_path):
         files = [data_path] if os.path.isfile(data_path) else sorted(glob.glob(f"{data_path}/**/*.parquet", recursive=True))
         try:
