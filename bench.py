@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import ctypes
 import gc
-import importlib.util
 import io
 import json
 import math
@@ -105,8 +104,7 @@ from main import (CPU_BATCH_SIZE, FINETUNE_CONFIG, VLMConfig, build_model, build
                   packs, step_share, train, with_micro_batches)
 from memory import DoesNotFit, Layout, estimator, fit_micro_batch, state_bytes
 from model import SIGLIP_PREPROCESSING, TinyVLM, autocast, pick_compile, pick_device, pick_dtype
-from sources import (IGNORE_INDEX, check_entry, decode_image, llava_to_messages, load_llava_json, open_data,
-                     open_image_source)
+from sources import IGNORE_INDEX, decode_image, llava_to_messages, open_data
 from syncs import SyncRecorder
 from synthetic import (TOKENIZER_DIR, cc3m_like_entries, cc3m_like_jpeg, cc3m_like_samples, cc3m_like_zip,
                        encoded_samples, instruct_like_samples, llava_caption_set, make_scale_set, mix665k_like_entries,
@@ -944,24 +942,17 @@ def run_quietly(function, *args) -> tuple:
 
 
 def caption_set(data_path: str, image_root: str, processor, max_length: int = 2048) -> LLaVADataset:
-    """A JSON caption set as main.py reads it (sources.open_data: checked, tokenized once), or where datasets
-    is not installed (a bare GPU machine) as a list of its usable entries, whose samples LLaVADataset
-    tokenizes as they load, a little more work per sample (tests/test_bench.py runs the suite without it)."""
-    if importlib.util.find_spec("datasets") is not None:
-        entries, images, _, _ = open_data(data_path, image_root, True, processor=processor)
-        return LLaVADataset(entries, images, processor, max_length)
-    entries = [entry for entry in load_llava_json(data_path) if check_entry(entry, require_image=True) is None]
-    return LLaVADataset(entries, open_image_source(image_root), processor, max_length)
+    """A JSON caption set as main.py reads it (sources.open_data: checked, tokenized once; a list of entries
+    where datasets is not installed, as on a bare GPU machine: tests/test_bench.py runs the suite so)."""
+    entries, images, _, _ = open_data(data_path, image_root, True, processor=processor)
+    return LLaVADataset(entries, images, processor, max_length)
 
 
 def train_run(cfg: VLMConfig) -> tuple[str, str]:
-    """main.py's training of cfg, its data read by caption_set: (the run's folder, what it printed)."""
+    """main.py's training of cfg: (the run's folder, what it printed)."""
     device = torch.device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    model = build_model(cfg, device, dtype)
-    data = tuple(caption_set(path, cfg.image_root, model.processor, cfg.max_length)
-                 for path in (cfg.data_path, cfg.val_data_path)) + ({},)
-    return run_quietly(lambda: train(cfg, model, device, dtype, data=data))
+    return run_quietly(lambda: train(cfg, build_model(cfg, device, dtype), device, dtype))
 
 
 def bench_train_speed(args, tokenizer, device, dtype) -> list[dict]:
@@ -1085,8 +1076,8 @@ def run_gpu_suite(args, tokenizer, device, dtype, report: dict) -> bool:
               ("" if tests["ok"] else "\n" + tests["output_tail"][-3000:]), flush=True)
     path = part("default_path", default_path, args, tokenizer, device)
     if path:
-        print(f"\nmain.py's default path ({path['micro_batches']} micro-batches, {path['workers']} workers, compile "
-              f"{path['compile']}, check_syncs): " + (f"{path['steady_samples_per_s']:.0f} samples/s steady, data "
+        print(f"\nmain.py's default path ({path.get('micro_batches', '?')} micro-batches, {path['workers']} workers, "
+              f"compile {path['compile']}, check_syncs): " + (f"{path['steady_samples_per_s']:.0f} samples/s steady, data "
               f"included; graphs {path['graphs']}; dynamo compiling {path['dynamo_compile_s']:.0f} s; first "
               f"interval {path['first_interval_excess_s']:.0f} s over the steady state; peak "
               f"{path.get('peak_memory_gb', float('nan')):.1f} GB; " + " / ".join(path["sizing"]) if path["ok"] else

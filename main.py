@@ -889,9 +889,8 @@ def catch_stop_signals() -> tuple[list, dict]:
 
 
 def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dtype, rank: int = 0,
-          world_size: int = 1, data: tuple | None = None) -> str:
-    """The training loop. Returns the run folder. data: the (training, validation, skipped) that load_data
-    would give, made otherwise (bench.py's GPU suite on a machine without datasets)."""
+          world_size: int = 1) -> str:
+    """The training loop. Returns the run folder."""
     is_main = rank == 0
     log = tqdm.write if is_main else (lambda text: None)
     run_dir = new_run_folder(cfg)
@@ -905,7 +904,7 @@ def train(cfg: VLMConfig, model: TinyVLM, device: torch.device, dtype: torch.dty
     if is_main:
         os.makedirs(run_dir, exist_ok=True)
         log("config:\n" + json.dumps(asdict(cfg), indent=2))
-    train_set, val_set, skipped_entries = data or load_data(cfg, model.processor, log)
+    train_set, val_set, skipped_entries = load_data(cfg, model.processor, log)
     global_batch = cfg.batch_size * cfg.grad_accum_steps * world_size
     max_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * len(train_set) / global_batch)
     decay_steps = cfg.lr_decay_steps if cfg.lr_decay_steps > 0 else max_steps

@@ -453,18 +453,42 @@ def tokenize(entries, processor, processes: int = 0):
 def open_data(data_path: str, image_root: str, require_image: bool, subset: str = "", split: str = "train",
               processor=None):
     """A source's usable entries (tokenized, given a processor) in their order, the image source of their images,
-    and the others counted by reason, with examples; stage 1 (require_image) skips those without an image."""
-    import pyarrow.compute as pc
+    and the others counted by reason, with examples; stage 1 (require_image) skips those without an image.
+    Without datasets (a bare GPU machine), a JSON file's entries come as a list (listed_entries)."""
+    try:
+        import pyarrow.compute as pc
 
-    entries, images = source_entries(data_path, image_root, subset, split)
-    entries = tokenize(entries, processor) if processor is not None else entries
-    columns = entries.select_columns(["problem", "image"]).with_format("arrow")[:]  # Arrow columns, not rows
-    problems = columns["problem"].to_numpy().astype(object)
+        entries, images = source_entries(data_path, image_root, subset, split)
+        entries = tokenize(entries, processor) if processor is not None else entries
+        columns = entries.select_columns(["problem", "image"]).with_format("arrow")[:]  # Arrow columns, not rows
+        problems, counts = columns["problem"].to_numpy().astype(object), pc.list_value_length(columns["image"]).to_numpy()
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in ("datasets", "pyarrow") or not data_path.endswith((".json", ".jsonl")):
+            raise
+        entries, images = listed_entries(data_path, image_root, processor)
+        problems = np.array([entry["problem"] for entry in entries], dtype=object)
+        counts = np.array([len(entry["image"]) for entry in entries], dtype=np.int64)
     examples = [f"entry {i} (id {entries[int(i)]['id'] or '?'}): {problems[i]}" for i in np.flatnonzero(problems != "")[:5]]
     if require_image:  # counted, not shown: a stage-2 set has many, and none is wrong
-        problems[(problems == "") & (pc.list_value_length(columns["image"]).to_numpy() == 0)] = "no image"
-    skipped = Counter(problems[problems != ""].tolist())
-    return entries.select(np.flatnonzero(problems == "")), images, skipped, examples
+        problems[(problems == "") & (counts == 0)] = "no image"
+    skipped, usable = Counter(problems[problems != ""].tolist()), np.flatnonzero(problems == "")
+    if len(usable) < len(entries):
+        entries = [entries[i] for i in usable] if isinstance(entries, list) else entries.select(usable)
+    return entries, images, skipped, examples
+
+
+def listed_entries(data_path: str, image_root: str, processor=None) -> tuple[list, object]:
+    """A JSON file's entries as entry_row makes them, in a list, and their lengths in tokens (given a processor):
+    what open_data gives where datasets is not installed. LLaVADataset tokenizes each sample again as it loads."""
+    entries = [entry_row(row) for row in load_llava_json(data_path)]
+    usable = [entry for entry in entries if not entry["problem"]]
+    for start in range(0, len(usable), 1000) if processor is not None else ():
+        batch = usable[start:start + 1000]
+        _, _, bounds = processor.encode_flat([llava_to_messages(entry["conversations"], processor.image_placeholder)
+                                              for entry in batch])
+        for entry, length in zip(batch, np.diff(bounds).tolist()):
+            entry["length"] = length
+    return entries, open_image_source(image_root) if image_root else None
 
 
 def split_entries(entries, val_size: int, seed: int) -> tuple:
@@ -483,10 +507,13 @@ def split_entries(entries, val_size: int, seed: int) -> tuple:
 def without_long_samples(entries, max_length: int) -> tuple:
     """Tokenized entries without those longer than max_length tokens, and how many there were. The lengths are
     read from the table under the entries' selection (a split), at once: through one, datasets reads row by row."""
+    if isinstance(entries, list):  # listed_entries
+        short = [entry for entry in entries if entry["length"] <= max_length]
+        return short, len(entries) - len(short)
     lengths = entries.data.column("length").to_numpy()
     lengths = lengths if entries._indices is None else lengths[entries._indices.column(0).to_numpy()]
-    short = np.flatnonzero(lengths <= max_length)
-    return entries.select(short), len(entries) - len(short)
+    short = np.flatnonzero(lengths <= max_length)  # select() checks indices for a run one by one: skipped if all
+    return entries if len(short) == len(entries) else entries.select(short), len(entries) - len(short)
 
 
 def check_data_paths(data_path: str, image_root: str, val_data_path: str = "") -> None:

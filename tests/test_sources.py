@@ -8,9 +8,11 @@ import json
 import os
 import pickle
 import struct
+import sys
 import zipfile
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -97,6 +99,31 @@ def test_long_samples_are_dropped_through_the_splits_selection_as_row_by_row(tmp
     short, dropped = without_long_samples(train, max_length)
     expected = [row["id"] for row in train if row["length"] <= max_length]
     assert [row["id"] for row in short] == expected and dropped == len(train) - len(expected) > 0
+
+
+def test_without_datasets_a_json_files_entries_are_a_list_that_trains_on_the_same_samples(
+        tmp_path, shapes_data, processor, monkeypatch):
+    entries = json.load(open(f"{shapes_data}/chat.json"))
+    entries[2]["conversations"], entries[6]["image"] = "not turns", 7  # skipped and counted alike
+    for i in (3, 9, 14):
+        entries[i]["conversations"][1]["value"] = "a long caption " * 40  # dropped as too long alike
+    (tmp_path / "chat.json").write_text(json.dumps(entries))
+
+    def opened() -> tuple:
+        entries, images, skipped, examples = open_data(str(tmp_path / "chat.json"), f"{shapes_data}/images.zip", True,
+                                                       processor=processor)
+        (train, too_long), (val, val_too_long) = (without_long_samples(part, 80) for part in split_entries(entries, 4, 5))
+        samples = [LLaVADataset(part, images, processor).__getitems__(list(range(len(part)))) for part in (train, val)]
+        return [[(np.asarray(s["input_ids"]).tolist(), np.asarray(s["labels"]).tolist(), s["pixels"].tolist())
+                 for s in part] for part in samples], skipped, examples, too_long + val_too_long, type(entries)
+
+    *from_datasets, datasets_type = opened()
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as on a bare GPU machine
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    *from_list, list_type = opened()
+    assert datasets_type is datasets.Dataset and list_type is list
+    assert from_list == from_datasets and from_list[1] == {"malformed entry": 1, "image is not a path": 1}
+    assert from_list[3] == 3 and len(from_list[0][0]) + len(from_list[0][1]) == len(entries) - 5
 
 
 def test_a_batch_read_at_once_gives_the_samples_read_one_by_one(shapes_data, processor):
