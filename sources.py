@@ -111,10 +111,11 @@ class ImageZip:
             self._fd = os.open(self.path, os.O_RDONLY)
             if hasattr(os, "posix_fadvise"):  # no read-ahead: it reads 128 KB around each 20 KB JPEG, 2-3x slower
                 os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
-        names, members = self._index  # sorted by name: they share a top folder if the first and the last do
-        top = names[0].split(b"/")[0] + b"/" if len(names) else b""
-        top = top if len(names) and names[0].startswith(top) and names[-1].startswith(top) else b""
-        for candidate in (name.encode(), top + name.encode()):
+            names = self._index[0]  # sorted by name: they share a top folder if the first and the last do
+            top = names[0].split(b"/")[0] + b"/" if len(names) else b""
+            self._top = top if len(names) and names[0].startswith(top) and names[-1].startswith(top) else b""
+        names, members = self._index
+        for candidate in (name.encode(), self._top + name.encode()):
             row = np.searchsorted(names, candidate)
             if row < len(names) and names[row] == candidate:
                 return self.member(candidate, *(int(v) for v in members[row].tolist()))
@@ -484,10 +485,8 @@ def listed_entries(data_path: str, image_root: str, processor=None) -> tuple[lis
     usable = [entry for entry in entries if not entry["problem"]]
     for start in range(0, len(usable), 1000) if processor is not None else ():
         batch = usable[start:start + 1000]
-        _, _, bounds = processor.encode_flat([llava_to_messages(entry["conversations"], processor.image_placeholder)
-                                              for entry in batch])
-        for entry, length in zip(batch, np.diff(bounds).tolist()):
-            entry["length"] = length
+        for entry, (ids, _) in zip(batch, processor.encode_llava_many([entry["conversations"] for entry in batch])):
+            entry["length"] = len(ids)
     return entries, open_image_source(image_root) if image_root else None
 
 
